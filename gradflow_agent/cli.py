@@ -1,0 +1,74 @@
+"""`gradflow-agent` / `python -m gradflow_agent`: demo, config check, and the sub-tools' commands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Sub-commands implemented by other parts of the package: name -> (module, help). Each module has
+# `main(argv) -> int` and parses what follows the sub-command itself.
+DELEGATED = {
+    "init-check": ("gradflow_agent.initcheck.cli", "check a module's initialisation (norms, spectra, ...)"),
+    "rules": ("gradflow_agent.alerting.cli", "write Prometheus alert rules from a config's thresholds"),
+}
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run
+    issues = run(pathology=args.pathology, steps=args.steps, port=args.port, addr=args.addr,
+                 config=args.config, step_delay=args.step_delay, linger=args.linger, quiet=args.quiet)
+    return 1 if args.fail_on_issues and issues else 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from .config import load_config
+    cfg = load_config(args.file)
+    print(f"{args.file}: ok ({len(cfg)} sections)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .demo import PATHOLOGIES
+    parser = argparse.ArgumentParser(prog="gradflow-agent", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train a small model with the agent attached and serve its metrics")
+    demo.add_argument("--pathology", choices=PATHOLOGIES, help="train a model with this fault")
+    demo.add_argument("--steps", type=int, default=400)
+    demo.add_argument("--port", type=int, default=9464, help="metrics port (0 = a free port)")
+    demo.add_argument("--addr", default="127.0.0.1", help="metrics listen address")
+    demo.add_argument("--config", help="YAML config merged over the demo's defaults")
+    demo.add_argument("--step-delay", type=float, default=0.01, help="seconds to sleep between steps")
+    demo.add_argument("--linger", type=float, default=0.0, help="keep serving metrics this long after training")
+    demo.add_argument("--quiet", action="store_true", help="no progress or tables")
+    demo.add_argument("--fail-on-issues", action="store_true", help="exit 1 when issues were detected")
+    demo.set_defaults(func=_demo)
+    check = sub.add_parser("check-config", help="validate a YAML config file")
+    check.add_argument("file")
+    check.set_defaults(func=_check_config)
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    for i, token in enumerate(argv):
+        if token in DELEGATED:
+            if any(t != "--debug" for t in argv[:i]):
+                break
+            module = importlib.import_module(DELEGATED[token][0])
+            return module.main(argv[i + 1:] + (["--debug"] if "--debug" in argv[:i] else []))
+        if not token.startswith("-"):
+            break
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as exc:  # one clear line; the traceback with --debug
+        if args.debug:
+            raise
+        print(f"gradflow-agent: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,21 @@
+"""Per-layer health score, 0-100 (exported as gradflow_layer_health_score).
+
+score = 100 - sum of penalties of the layer's open issues, floored at 0, where a critical issue costs
+50, a warning 25 and an info 10. A layer with no issue scores 100; one with a critical and a warning
+issue scores 25. Layers without any statistics still score 100 (nothing is known to be wrong).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PENALTY = {"critical": 50.0, "warning": 25.0, "info": 10.0}
+
+
+def health_scores(layers: tuple[str, ...], issues) -> np.ndarray:
+    score = np.full(len(layers), 100.0)
+    index = {name: i for i, name in enumerate(layers)}
+    for issue in issues:
+        i = index[issue.layer]
+        score[i] = max(0.0, score[i] - PENALTY[issue.severity])
+    return score

@@ -1,0 +1,128 @@
+"""The metric catalogue: one table read by every exporter, so Prometheus and OTel names stay in step.
+
+Each metric has a Prometheus name (base units, `_total` on counters, `_ratio` on ratios) and an OTel
+instrument name and UCUM unit chosen so that the OpenTelemetry -> Prometheus translation (dots become
+underscores, unit "1" adds `_ratio`, "s" adds `_seconds`, counters add `_total`, braces are dropped)
+gives back exactly the Prometheus name; a test checks that with the real OTel Prometheus exporter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..snapshot import Snapshot
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # Prometheus name
+    kind: str  # "gauge" | "counter" | "info"
+    help: str
+    unit: str = ""  # UCUM unit for OTel: "1" ratio, "s" seconds, "{step}" annotation, "" none
+    labels: tuple[str, ...] = ()  # besides the constant labels
+
+    @property
+    def otel_name(self) -> str:
+        base = self.name
+        for suffix, unit in (("_total", None), ("_ratio", "1"), ("_seconds", "s")):
+            if base.endswith(suffix) and (unit is None or self.unit == unit):
+                base = base[: -len(suffix)]
+        return base.replace("_", ".")
+
+
+LAYER = ("layer",)
+
+
+def _layer(name: str, help: str, unit: str = "") -> Metric:
+    return Metric(name, "gauge", help, unit, LAYER)
+
+
+LAYER_GAUGES = {
+    "grad_pressure": _layer("gradflow_grad_pressure",
+                            "Mean L2 norm of the layer's parameter gradient per optimizer step over the "
+                            "export interval."),
+    "grad_pressure_max": _layer("gradflow_grad_pressure_max",
+                                "Largest per-step gradient L2 norm of the layer in the export interval."),
+    "grad_turbulence": _layer("gradflow_grad_turbulence",
+                              "Coefficient of variation (std/mean) of the layer's gradient pressure over "
+                              "the streaming window."),
+    "grad_velocity": _layer("gradflow_grad_velocity",
+                            "Relative change of the layer's gradient pressure since the previous interval."),
+    "grad_zero_ratio": _layer("gradflow_grad_zero_ratio",
+                              "Fraction of exactly-zero gradient elements of the layer.", "1"),
+    "activation_mean": _layer("gradflow_activation_mean", "Mean of the layer's finite outputs."),
+    "activation_std": _layer("gradflow_activation_std",
+                             "Standard deviation of the layer's finite outputs."),
+    "activation_absmax": _layer("gradflow_activation_absmax",
+                                "Largest absolute finite output of the layer in the interval."),
+    "activation_zero_ratio": _layer("gradflow_activation_zero_ratio",
+                                    "Fraction of the layer's outputs that are exactly zero.", "1"),
+    "activation_dead_unit_ratio": _layer("gradflow_activation_dead_unit_ratio",
+                                         "Fraction of a ReLU-family layer's units that never fired (output "
+                                         "> 0) over the last complete window.", "1"),
+    "activation_saturation_ratio": _layer("gradflow_activation_saturation_ratio",
+                                          "Fraction of a bounded activation's outputs within the "
+                                          "saturation margin of its bounds.", "1"),
+    "param_norm": _layer("gradflow_param_norm", "L2 norm of the layer's trainable parameters."),
+    "update_ratio": _layer("gradflow_update_ratio",
+                           "Update-to-weight ratio ||dw|| / ||w|| of the layer per optimizer step.", "1"),
+}
+HEALTH = Metric("gradflow_layer_health_score", "gauge", "Layer health score, 0 (critical) to 100 (healthy).",
+                labels=LAYER)
+ISSUE = Metric("gradflow_issue", "gauge", "1 while the in-process detector flags this issue kind on the layer.",
+               labels=("layer", "kind"))
+NONFINITE = Metric("gradflow_nonfinite_total", "counter", "Non-finite (NaN/Inf) elements seen in the layer.",
+                   labels=("layer", "tensor"))
+LAYER_INFO = Metric("gradflow_layer_info", "info", "The layer's module type and depth index.",
+                    labels=("layer", "layer_type", "index"))
+RUN_METRICS = {
+    "steps_total": Metric("gradflow_steps_total", "counter", "Optimizer steps seen by the agent.", "{step}"),
+    "grad_norm": Metric("gradflow_grad_norm", "gauge", "Global L2 norm of all trainable gradients at the last "
+                        "computed step."),
+    "loss": Metric("gradflow_loss", "gauge", "Mean training loss over the export interval."),
+    "overhead_seconds_total": Metric("gradflow_agent_overhead_seconds_total", "counter",
+                                     "Time the agent spent on the training thread.", "s"),
+    "layers": Metric("gradflow_agent_layers", "gauge", "Layers monitored by the agent."),
+    "layers_skipped": Metric("gradflow_agent_layers_skipped", "gauge",
+                             "Layers left out by modules.max_layers."),
+    "optimizer_steps_skipped_total": Metric("gradflow_optimizer_steps_skipped_total", "counter",
+                                            "Steps where agent.step() saw no optimizer step (e.g. a "
+                                            "GradScaler skipped it after finding inf/NaN).", "{step}"),
+    "grad_scale": Metric("gradflow_grad_scale", "gauge", "The GradScaler's loss scale (AMP), when one is given."),
+    "snapshot_time": Metric("gradflow_last_snapshot_timestamp_seconds", "gauge",
+                            "Unix time of the latest published snapshot.", "s"),
+}
+ERRORS = Metric("gradflow_agent_errors_total", "counter", "Errors caught inside the agent (training continued).",
+                labels=("component",))
+AGENT_INFO = Metric("gradflow_agent_info", "info", "Agent version and where it reads gradients.",
+                    labels=("version", "torch_version", "device", "grad_source", "amp_scaler"))
+
+ALL = (*LAYER_GAUGES.values(), HEALTH, ISSUE, NONFINITE, LAYER_INFO, *RUN_METRICS.values(), ERRORS, AGENT_INFO)
+
+
+def samples(snap: Snapshot, info: dict[str, str]) -> Iterator[tuple[Metric, dict[str, str], float]]:
+    """Every (metric, labels, value) of a snapshot. NaN per-layer statistics mean "no data": omitted."""
+    for key, metric in LAYER_GAUGES.items():
+        for name, value in zip(snap.layers, snap.stats[key]):
+            if not math.isnan(value):
+                yield metric, {"layer": name}, float(value)
+    if snap.health is not None:
+        for name, value in zip(snap.layers, snap.health):
+            yield HEALTH, {"layer": name}, float(value)
+    for issue in snap.issues:
+        yield ISSUE, {"layer": issue.layer, "kind": issue.kind}, 1.0
+    for tensor, counts in snap.nonfinite.items():
+        for name, value in zip(snap.layers, counts):
+            yield NONFINITE, {"layer": name, "tensor": tensor}, float(value)
+    for i, (name, type_name) in enumerate(zip(snap.layers, snap.layer_types)):
+        yield LAYER_INFO, {"layer": name, "layer_type": type_name, "index": str(i)}, 1.0
+    run_values = dict(snap.counters, grad_norm=snap.grad_norm, loss=snap.loss, snapshot_time=snap.time)
+    for key, metric in RUN_METRICS.items():
+        value = run_values.get(key)
+        if value is not None and not (key == "grad_norm" and math.isnan(value)):
+            yield metric, {}, float(value)
+    for component in sorted(set(snap.errors) | {"hook"}):
+        yield ERRORS, {"component": component}, float(snap.errors.get(component, 0))
+    yield AGENT_INFO, dict(info), 1.0

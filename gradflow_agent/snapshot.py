@@ -1,0 +1,71 @@
+"""The immutable interval snapshot: the only thing detectors, exporters and recorders ever read."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Per-layer statistics (gauges), in export order. NaN means "no data for this layer".
+LAYER_STATS = (
+    "grad_pressure", "grad_pressure_max", "grad_turbulence", "grad_velocity", "grad_zero_ratio",
+    "activation_mean", "activation_std", "activation_absmax", "activation_zero_ratio",
+    "activation_dead_unit_ratio", "activation_saturation_ratio", "param_norm", "update_ratio",
+)
+NONFINITE_TENSORS = ("grad", "activation", "param")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Per-layer statistics of one export interval, plus run-wide counters, as plain numpy data."""
+
+    step: int  # optimizer steps so far
+    time: float  # unix time of the snapshot
+    interval_steps: int  # steps covered by this snapshot
+    layers: tuple[str, ...]
+    layer_types: tuple[str, ...]
+    stats: Mapping[str, np.ndarray]  # LAYER_STATS key -> float array over layers
+    nonfinite: Mapping[str, np.ndarray]  # "grad" | "activation" | "param" -> cumulative counts per layer
+    grad_norm: float  # global gradient L2 norm at the last computed step
+    loss: float  # mean loss over the interval (NaN when none was given)
+    counters: Mapping[str, float]  # run-wide: steps_total, overhead_seconds_total, errors_total, ...
+    errors: Mapping[str, int] = field(default_factory=dict)  # component -> errors so far
+    issues: tuple = ()  # detect.Issue, filled in by the detectors
+    health: np.ndarray | None = None  # per-layer health score 0-100, filled in by the detectors
+
+    def with_diagnosis(self, issues: tuple, health: np.ndarray) -> Snapshot:
+        return dataclasses.replace(self, issues=tuple(issues), health=health)
+
+    def layer(self, name: str) -> dict[str, float]:
+        """All statistics of one layer, by name."""
+        i = self.layers.index(name)
+        out = {k: float(v[i]) for k, v in self.stats.items()}
+        out.update({f"nonfinite_{k}": float(v[i]) for k, v in self.nonfinite.items()})
+        if self.health is not None:
+            out["health_score"] = float(self.health[i])
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form (NaN -> None), one entry per layer."""
+
+        def clean(x: float) -> float | None:
+            return None if not math.isfinite(x) else float(x)
+
+        layers = []
+        for i, name in enumerate(self.layers):
+            row: dict[str, Any] = {"layer": name, "type": self.layer_types[i]}
+            row.update({k: clean(v[i]) for k, v in self.stats.items()})
+            row.update({f"nonfinite_{k}": float(v[i]) for k, v in self.nonfinite.items()})
+            if self.health is not None:
+                row["health_score"] = clean(self.health[i])
+            layers.append(row)
+        return {
+            "step": self.step, "time": self.time, "interval_steps": self.interval_steps,
+            "grad_norm": clean(self.grad_norm), "loss": clean(self.loss),
+            "counters": dict(self.counters), "errors": dict(self.errors),
+            "issues": [i.to_dict() for i in self.issues], "layers": layers,
+        }

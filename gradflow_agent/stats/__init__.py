@@ -1,0 +1,1 @@
+"""On-device statistics: activations (forward hooks), gradients and parameters (step boundary)."""

@@ -1,0 +1,144 @@
+"""Gradient statistics, read once per optimizer step (after accumulation, DDP averaging, unscaling).
+
+Per step the hot path is one fused `torch._foreach_norm` over every trainable gradient, stacked straight
+into a row of a device ring buffer (`ring[step] = per-parameter norms`). Everything per layer - pressure
+mean and max over the interval, turbulence (coefficient of variation over the window), the global norm -
+is derived from the ring once per export interval. A NaN in the ring means "this parameter had no
+gradient at this step"; real non-finite gradients are counted and their finite part is summarised.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def _dense(g: torch.Tensor) -> torch.Tensor:
+    return g.coalesce()._values() if g.is_sparse else g
+
+
+class GradientStats:
+    def __init__(self, params: list[torch.nn.Parameter], layer_of_param: list[int], n_layers: int,
+                 device: torch.device, *, rows: int, window: int, robust: bool | None = None) -> None:
+        self.params = params
+        self.n_layers = n_layers
+        self.device = device
+        self.window = window
+        self.robust = device.type != "cpu" if robust is None else robust
+        self.layer_idx = torch.tensor(layer_of_param, dtype=torch.long, device=device)
+        n = len(params)
+        self.ring = torch.full((rows, max(n, 1)), float("nan"), dtype=torch.float32, device=device)
+        self.pos = -1  # row of the latest step
+        self.filled = 0  # rows written so far (capped at the ring size)
+        self.in_interval = 0  # rows written since the last snapshot
+        self.nonfinite = torch.zeros(n_layers + 1, dtype=torch.float64, device=device)
+        self.nonzero = torch.zeros(n_layers + 1, dtype=torch.float64, device=device)
+        self.zero_numel = np.zeros(n_layers + 1)
+        self._layer_of_param = list(layer_of_param)
+        self._last_zero_ratio = np.full(n_layers, np.nan)
+        self._last_peak = np.full(n_layers, np.nan)
+        self._prev_pressure = np.full(n_layers, np.nan)
+        self._last_pressure = np.full(n_layers, np.nan)
+
+    # -- hot path -------------------------------------------------------------------------------------
+    def read(self, count_zeros: bool = False) -> None:
+        """Record the current gradients of every trainable parameter as one ring row."""
+        if not self.params:
+            return
+        self.pos = (self.pos + 1) % self.ring.shape[0]
+        row = self.ring[self.pos]
+        grads = [p.grad for p in self.params]
+        if all(g is not None for g in grads):
+            present, dense = range(len(grads)), [_dense(g) for g in grads]
+        else:
+            present = [k for k, g in enumerate(grads) if g is not None]
+            dense = [_dense(grads[k]) for k in present]
+            row.fill_(float("nan"))
+        if dense:
+            if self.robust:
+                norms = self._masked_norms(dense, present)
+            else:
+                norms = torch.stack(torch._foreach_norm(dense)).float()
+                if not math.isfinite(norms.sum().item()):
+                    norms = self._masked_norms(dense, present)
+            if len(present) == len(grads):
+                row.copy_(norms)
+            else:
+                row.index_copy_(0, torch.tensor(present, device=self.device), norms)
+            if count_zeros:
+                self._count_nonzero(dense, present)
+        self.filled = min(self.filled + 1, self.ring.shape[0])
+        self.in_interval = min(self.in_interval + 1, self.ring.shape[0])
+
+    def _count_nonzero(self, dense: list[torch.Tensor], present) -> None:
+        """Exact-zero gradient elements per layer (run on the parameter cadence: one op per tensor)."""
+        full = len(present) == len(self.params)
+        nz = torch.stack([torch.count_nonzero(g) for g in dense]).double()
+        self.nonzero.index_add_(0, self.layer_idx if full else self.layer_idx[list(present)], nz)
+        for k in present:
+            self.zero_numel[self._layer_of_param[k]] += self.params[k].numel()
+
+    def _masked_norms(self, dense: list[torch.Tensor], present) -> torch.Tensor:
+        """Norms of the finite part; count the non-finite elements per layer."""
+        finite = [torch.isfinite(g) for g in dense]
+        bad = torch.stack([(~f).sum() for f in finite]).double()
+        idx = self.layer_idx if len(present) == len(self.params) else self.layer_idx[list(present)]
+        self.nonfinite.index_add_(0, idx, bad)
+        clean = [torch.where(f, g, 0) for f, g in zip(finite, dense)]
+        return torch.stack(torch._foreach_norm(clean)).float()
+
+    # -- snapshot ---------------------------------------------------------------------------------------
+    def device_parts(self) -> list[torch.Tensor]:
+        """Per-layer pressure per ring row -> interval mean/max, window turbulence, last global norm."""
+        n_rows = self.ring.shape[0]
+        L = self.n_layers
+        nan = torch.full((L,), float("nan"), dtype=torch.float64, device=self.device)
+        if self.filled == 0 or not self.params:
+            return [nan, nan, nan, nan[:1], self.nonfinite[:L], self.nonzero[:L]]
+        order = torch.arange(self.pos - self.filled + 1, self.pos + 1, device=self.device) % n_rows
+        rows = self.ring.index_select(0, order).double()  # oldest first
+        present = ~torch.isnan(rows)
+        sq = torch.where(present, rows.square(), 0.0)
+        per_layer = torch.zeros(rows.shape[0], L + 1, dtype=torch.float64, device=self.device)
+        per_layer.index_add_(1, self.layer_idx, sq)
+        counts = torch.zeros_like(per_layer).index_add_(1, self.layer_idx, present.double())
+        pressure = torch.where(counts > 0, per_layer.sqrt(), float("nan"))[:, :L]
+        interval = pressure[-self.in_interval:] if self.in_interval else pressure[:0]
+        mean = interval.nanmean(0)
+        peak = torch.nan_to_num(interval, nan=-1.0).amax(0) if len(interval) else nan
+        peak = torch.where(peak < 0, float("nan"), peak)
+        win = pressure[-self.window:]
+        w_mean = win.nanmean(0)
+        w_n = (~torch.isnan(win)).sum(0)
+        w_var = torch.nan_to_num((win - w_mean).square(), nan=0.0).sum(0) / (w_n - 1).clamp(min=1)
+        turbulence = torch.where(w_n >= 3, w_var.sqrt() / w_mean, float("nan"))
+        global_norm = per_layer[-1].sum().sqrt().reshape(1)
+        return [mean, peak, turbulence, global_norm, self.nonfinite[:L], self.nonzero[:L]]
+
+    def finish(self, host: list[np.ndarray]) -> dict[str, np.ndarray]:
+        mean, peak, turbulence, global_norm, nonfinite, nonzero = host
+        L = self.n_layers
+        if self.in_interval:  # otherwise nothing new: carry the last interval forward
+            self._prev_pressure = self._last_pressure
+            self._last_pressure, self._last_peak = mean, peak
+        counted = self.zero_numel[:L]
+        if counted.any():
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ratio = 1.0 - nonzero / counted
+            self._last_zero_ratio = np.where(counted > 0, ratio, self._last_zero_ratio)
+            self.nonzero.zero_()
+            self.zero_numel[:] = 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            velocity = (self._last_pressure - self._prev_pressure) / self._prev_pressure
+        self.in_interval = 0
+        return {
+            "grad_pressure": self._last_pressure.copy(),
+            "grad_pressure_max": self._last_peak.copy(),
+            "grad_turbulence": turbulence,
+            "grad_velocity": np.where(np.isfinite(velocity), velocity, np.nan),
+            "grad_zero_ratio": self._last_zero_ratio.copy(),
+            "grad_norm": float(global_norm[0]) if self.filled else float("nan"),
+            "nonfinite_grad": nonfinite,
+        }

@@ -1,0 +1,131 @@
+"""Parameter norms and update-to-weight ratios ||dw|| / ||w||, on the parameter cadence.
+
+The update is measured between two consecutive step boundaries (parameters only move in the optimizer
+step). By default no copy of the model is kept: each parameter contributes a fixed, seeded sample of at
+most `sample_size` elements (all of them when it is smaller), read with `torch.take`, and its squared
+norms are scaled by numel / sample to estimate the full ones. `exact` keeps a full copy instead.
+The sample indices come from a private generator: the training run's random streams are never touched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class ParameterStats:
+    def __init__(self, params: list[torch.nn.Parameter], layer_of_param: list[int], n_layers: int,
+                 device: torch.device, *, mode: str, sample_size: int, seed: int) -> None:
+        self.params = params
+        self.n_layers = n_layers
+        self.device = device
+        self.mode = mode
+        self.layer_idx = torch.tensor(layer_of_param, dtype=torch.long, device=device)
+        L1 = n_layers + 1
+        self.norm_sq = torch.zeros(L1, dtype=torch.float64, device=device)  # last measured, per layer
+        self.ratio_sum = torch.zeros(L1, dtype=torch.float64, device=device)
+        self.ratio_n = torch.zeros(L1, dtype=torch.float64, device=device)
+        self.nonfinite = torch.zeros(L1, dtype=torch.float64, device=device)
+        self._before: list[torch.Tensor] | torch.Tensor | None = None
+        self._measured = False
+        self._last_ratio = np.full(n_layers, np.nan)
+        gen = torch.Generator().manual_seed(seed)
+        self._index: list[torch.Tensor | None] = []
+        sample_param, scale = [], []
+        for k, p in enumerate(params):
+            if mode == "sampled" and p.numel() > sample_size:
+                idx = torch.randperm(p.numel(), generator=gen)[:sample_size].to(device)
+                self._index.append(idx)
+                sample_param += [k] * sample_size
+                scale.append(p.numel() / sample_size)
+            else:
+                self._index.append(None)
+                sample_param += [k] * p.numel()
+                scale.append(1.0)
+        self._sample_param = torch.tensor(sample_param, dtype=torch.long, device=device)
+        self._scale = torch.tensor(scale, dtype=torch.float64, device=device)
+
+    def _sample(self) -> torch.Tensor:
+        with torch.no_grad():
+            parts = [p.detach().reshape(-1) if idx is None else torch.take(p.detach(), idx)
+                     for p, idx in zip(self.params, self._index)]
+            return torch.cat(parts).double() if parts else torch.zeros(0, dtype=torch.float64)
+
+    def take_before(self) -> None:
+        """Remember the parameters (or their sample) before the update to be measured."""
+        if not self.params or self.mode == "off":
+            return
+        if self.mode == "exact":
+            with torch.no_grad():
+                if self._before is None:
+                    self._before = [p.detach().clone() for p in self.params]
+                else:
+                    torch._foreach_copy_(self._before, [p.detach() for p in self.params])
+        else:
+            self._before = self._sample()
+
+    def measure(self, keep_as_before: bool) -> None:
+        """Parameter norms now, and the update ratio since `take_before` (if it was taken)."""
+        if not self.params:
+            return
+        with torch.no_grad():
+            detached = [p.detach() for p in self.params]
+            norms = torch.stack(torch._foreach_norm(detached)).double()
+            bad = ~torch.isfinite(norms)
+            # On CPU a read-back is free, so count only when a norm is non-finite; on CUDA always count
+            # (one op per tensor, on the parameter cadence) rather than synchronise.
+            if self.device.type != "cpu" or bool(bad.any()):
+                counts = torch.stack([(~torch.isfinite(p)).sum() for p in detached]).double()
+                self.nonfinite.index_add_(0, self.layer_idx, counts)
+            sq = torch.where(bad, 0.0, norms.square())
+            self.norm_sq.zero_().index_add_(0, self.layer_idx, sq)
+            if self.mode == "off" or self._before is None:
+                self._before = None
+                if keep_as_before:
+                    self.take_before()
+                return
+            if self.mode == "exact":
+                diff = torch.stack(torch._foreach_norm(torch._foreach_sub(detached, self._before))).double()
+                d_sq = diff.square()
+                w_sq = torch.stack(torch._foreach_norm(self._before)).double().square()
+                after = None
+            else:
+                after = self._sample()
+                d_sq = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
+                d_sq.index_add_(0, self._sample_param, (after - self._before).square())
+                w_sq = torch.zeros_like(d_sq).index_add_(0, self._sample_param, self._before.square())
+                d_sq, w_sq = d_sq * self._scale, w_sq * self._scale
+            d_layer = torch.zeros_like(self.norm_sq).index_add_(0, self.layer_idx, d_sq)
+            w_layer = torch.zeros_like(self.norm_sq).index_add_(0, self.layer_idx, w_sq)
+            ratio = (d_layer / w_layer).sqrt()
+            ok = torch.isfinite(ratio) & (w_layer > 0)
+            self.ratio_sum += torch.where(ok, ratio, 0.0)
+            self.ratio_n += ok.double()
+            self._measured = True
+            if keep_as_before:
+                if after is None:
+                    self.take_before()
+                else:
+                    self._before = after
+            else:
+                self._before = None
+
+    def device_parts(self) -> list[torch.Tensor]:
+        L = self.n_layers
+        return [self.norm_sq[:L], self.ratio_sum[:L], self.ratio_n[:L], self.nonfinite[:L]]
+
+    def finish(self, host: list[np.ndarray]) -> dict[str, np.ndarray]:
+        norm_sq, ratio_sum, ratio_n, nonfinite = host
+        has = np.zeros(self.n_layers, dtype=bool)
+        idx = self.layer_idx.cpu().numpy()
+        has[idx[idx < self.n_layers]] = True
+        if ratio_n.any():
+            with np.errstate(invalid="ignore", divide="ignore"):
+                self._last_ratio = np.where(ratio_n > 0, ratio_sum / ratio_n, self._last_ratio)
+        self.ratio_sum.zero_()
+        self.ratio_n.zero_()
+        return {
+            "param_norm": np.where(has & self._measured, np.sqrt(norm_sq), np.nan),
+            "update_ratio": self._last_ratio.copy(),
+            "nonfinite_param": nonfinite,
+        }

@@ -1,0 +1,32 @@
+"""Shared fixtures: configs that keep tests off fixed ports, and small models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+QUIET = {"exporters": {"prometheus": {"enabled": False}}}
+
+
+def config(**sections) -> dict:
+    """A test config: no exporter unless asked, every statistic every step, no warmup."""
+    cfg = {
+        "exporters": {"prometheus": {"enabled": False}},
+        "sampling": {"export_every_n_steps": 1000, "export_every_seconds": 3600.0, "window": 10},
+        "stats": {"parameters": {"every_n_steps": 1}},
+        "thresholds": {"warmup_steps": 0},
+    }
+    for key, value in sections.items():
+        cfg.setdefault(key, {})
+        for k, v in value.items():
+            if isinstance(v, dict) and isinstance(cfg[key].get(k), dict):
+                cfg[key][k] = {**cfg[key][k], **v}
+            else:
+                cfg[key][k] = v
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

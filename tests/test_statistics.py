@@ -1,0 +1,234 @@
+"""The agent's numbers equal a direct torch computation on known tensors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradflow_agent
+from tests.conftest import config
+
+
+def _collect(model, inputs_per_step, robust=None, **cfg):
+    agent = gradflow_agent.attach(model, config(**cfg))
+    if robust is not None:
+        agent.act.robust = robust
+        agent.grad.robust = robust
+    with torch.no_grad():
+        for inputs in inputs_per_step:
+            for x in inputs:
+                model(x)
+            agent.step()
+    snap = agent.snapshot()
+    agent.detach()
+    return snap
+
+
+@pytest.mark.parametrize("robust", [False, True], ids=["cpu-fast-path", "masked-path"])
+def test_activation_statistics_match_torch(robust):
+    model = nn.Sequential(nn.Identity(), nn.Tanh(), nn.ReLU())
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(6, 5, generator=g) * 3 for _ in range(4)]
+    xs[0][0, 0] = 0.0
+    xs[1][2, 3] = float("nan")
+    xs[2][1, 1] = float("inf")
+    snap = _collect(model, [xs[:2], xs[2:]], robust=robust)  # two steps, two calls each
+
+    allx = torch.cat([x.reshape(-1) for x in xs])
+    finite = allx[torch.isfinite(allx)]
+    ident = snap.layer("0")
+    assert ident["nonfinite_activation"] == 2
+    assert ident["activation_mean"] == pytest.approx(finite.mean().item(), rel=1e-5)
+    assert ident["activation_std"] == pytest.approx(finite.std(unbiased=False).item(), rel=1e-5)
+    assert ident["activation_absmax"] == pytest.approx(finite.abs().max().item(), rel=1e-6)
+    assert ident["activation_zero_ratio"] == pytest.approx(1 / allx.numel())
+    assert math.isnan(ident["activation_saturation_ratio"])  # not a bounded activation
+
+    t = torch.tanh(allx)
+    tanh = snap.layer("1")
+    margin = 0.02
+    assert tanh["activation_saturation_ratio"] == pytest.approx(
+        (t.abs() > 1 - margin).sum().item() / t.numel())
+    assert tanh["nonfinite_activation"] == 1  # tanh(inf) = 1 is finite, tanh(nan) is not
+
+    r = torch.relu(t)
+    relu = snap.layer("2")
+    fin = r[torch.isfinite(r)]
+    assert relu["activation_zero_ratio"] == pytest.approx((fin == 0).sum().item() / r.numel())
+    assert relu["activation_mean"] == pytest.approx(fin.mean().item(), rel=1e-5)
+
+
+def test_dead_unit_ratio_counts_units_that_never_fired_over_the_window():
+    model = nn.Sequential(nn.ReLU())
+    steps = []
+    for k in range(10):
+        x = torch.randn(8, 6).abs() + 0.1
+        x[:, :2] = -1.0  # units 0 and 1 never fire
+        if k == 3:
+            x[0, 2] = -5.0  # unit 2 is silent once, not always: it is alive
+        steps.append([x])
+    snap = _collect(model, steps, sampling={"window": 10})
+    assert snap.layer("0")["activation_dead_unit_ratio"] == pytest.approx(2 / 6)
+
+
+def test_dead_units_use_the_channel_dimension_after_a_convolution():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+    with torch.no_grad():
+        model[0].bias[:] = torch.tensor([-100.0, -100.0, -100.0, 100.0])
+    snap = _collect(model, [[torch.randn(2, 3, 5, 5)]] * 10, sampling={"window": 10})
+    assert snap.layer("1")["activation_dead_unit_ratio"] == pytest.approx(0.75)
+
+
+def test_softmax_saturation_is_judged_per_row():
+    model = nn.Sequential(nn.Softmax(dim=-1))
+    x = torch.zeros(4, 10)
+    x[:2, 0] = 50.0  # two one-hot rows out of four
+    snap = _collect(model, [[x]])
+    assert snap.layer("0")["activation_saturation_ratio"] == pytest.approx(0.5)
+
+
+def test_gradient_pressure_turbulence_and_global_norm_match_torch():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    agent = gradflow_agent.attach(model, config(sampling={"window": 10}), optimizer=opt)
+    per_step = {"0": [], "2": []}
+    zeros = {"0": [0, 0], "2": [0, 0]}
+    global_norms = []
+    for _ in range(6):
+        x = torch.randn(5, 4)
+        model(x).pow(2).sum().backward()
+        for name in per_step:
+            layer = dict(model.named_children())[name]
+            w, b = layer.weight.grad, layer.bias.grad
+            per_step[name].append(torch.sqrt(w.pow(2).sum() + b.pow(2).sum()).item())
+            zeros[name][0] += (w == 0).sum().item() + (b == 0).sum().item()
+            zeros[name][1] += w.numel() + b.numel()
+        global_norms.append(torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item())
+        opt.step()
+        opt.zero_grad()
+    snap = agent.snapshot()
+    agent.detach()
+    assert snap.step == 6
+    for name, values in per_step.items():
+        v = np.array(values)
+        stats = snap.layer(name)
+        assert stats["grad_pressure"] == pytest.approx(v.mean(), rel=1e-5)
+        assert stats["grad_pressure_max"] == pytest.approx(v.max(), rel=1e-5)
+        assert stats["grad_turbulence"] == pytest.approx(v.std(ddof=1) / v.mean(), rel=1e-4)
+        assert stats["grad_zero_ratio"] == pytest.approx(zeros[name][0] / zeros[name][1])
+    assert snap.grad_norm == pytest.approx(global_norms[-1], rel=1e-5)
+    assert math.isnan(snap.layer("1")["grad_pressure"])  # ReLU has no parameters: no data
+
+
+def test_velocity_is_relative_change_between_intervals():
+    model = nn.Sequential(nn.Linear(3, 1, bias=False))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    agent = gradflow_agent.attach(model, config(), optimizer=opt)
+    x = torch.ones(1, 3)
+    for scale, n in ((1.0, 3), (3.0, 3)):
+        for _ in range(n):
+            (model(x) * scale).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        snap = agent.snapshot()
+    agent.detach()
+    assert snap.layer("0")["grad_velocity"] == pytest.approx(2.0, rel=1e-5)  # 3x the pressure
+
+
+@pytest.mark.parametrize("mode,sample,rel", [("exact", 1024, 1e-6), ("sampled", 100_000, 1e-6),
+                                             ("sampled", 256, 0.25)])
+def test_update_ratio_matches_the_real_update(mode, sample, rel):
+    model = nn.Sequential(nn.Linear(64, 64))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    agent = gradflow_agent.attach(model, config(stats={"parameters": {"update_ratio": mode,
+                                                                      "sample_size": sample}}), optimizer=opt)
+    ratios = []
+    for _ in range(3):
+        before = [p.detach().clone() for p in model.parameters()]
+        model(torch.randn(16, 64)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        after = list(model.parameters())
+        d = math.sqrt(sum((a - b).pow(2).sum().item() for a, b in zip(after, before)))
+        w = math.sqrt(sum(b.pow(2).sum().item() for b in before))
+        ratios.append(d / w)
+    snap = agent.snapshot()
+    agent.detach()
+    assert snap.layer("0")["update_ratio"] == pytest.approx(np.mean(ratios), rel=rel)
+    norm = math.sqrt(sum(p.pow(2).sum().item() for p in model.parameters()))
+    assert snap.layer("0")["param_norm"] == pytest.approx(norm, rel=1e-5)
+
+
+def test_gradient_accumulation_gives_one_reading_per_optimizer_step():
+    model = nn.Sequential(nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    agent = gradflow_agent.attach(model, config(), optimizer=opt)
+    expected = []
+    for _ in range(3):
+        for _ in range(4):  # four micro-batches
+            model(torch.randn(2, 4)).sum().backward()
+        expected.append(torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item())
+        opt.step()
+        opt.zero_grad()
+        agent.step()  # counted once with the optimizer step
+    snap = agent.snapshot()
+    agent.detach()
+    assert snap.step == 3
+    assert snap.layer("0")["grad_pressure"] == pytest.approx(np.mean(expected), rel=1e-5)
+    assert snap.layer("0")["grad_pressure_max"] == pytest.approx(max(expected), rel=1e-5)
+
+
+def test_nonfinite_gradients_are_counted_and_the_finite_part_summarised():
+    model = nn.Sequential(nn.Linear(2, 2, bias=False))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    agent = gradflow_agent.attach(model, config(), optimizer=opt)
+    model(torch.ones(1, 2)).sum().backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    model[0].weight.grad[1, 1] = float("inf")
+    finite = model[0].weight.grad.clone()
+    finite[~torch.isfinite(finite)] = 0
+    opt.step()
+    snap = agent.snapshot()
+    agent.detach()
+    assert snap.layer("0")["nonfinite_grad"] == 2
+    assert snap.layer("0")["grad_pressure"] == pytest.approx(finite.norm().item())
+    assert [i.kind for i in snap.issues] == ["nonfinite"]
+
+
+def test_activation_checkpointing_counts_each_forward_once():
+    from torch.utils.checkpoint import checkpoint
+
+    inner = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    outer = nn.ModuleDict({"inner": inner})
+    opt = torch.optim.SGD(inner.parameters(), lr=0.0)
+    agent = gradflow_agent.attach(outer, config(), optimizer=opt)
+    x = torch.randn(3, 4, requires_grad=True)
+    checkpoint(inner, x, use_reentrant=True).sum().backward()
+    opt.step()
+    assert agent.act.calls.tolist() == [1, 1]  # the re-run inside backward is not counted
+    snap = agent.snapshot()
+    agent.detach()
+    direct = inner[0](x).detach()
+    assert snap.layer("inner.0")["activation_mean"] == pytest.approx(direct.mean().item(), rel=1e-5)
+
+
+def test_shared_and_frozen_parameters():
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # tied weights: owned by the first layer that has them
+    frozen = nn.Linear(4, 4)
+    frozen.requires_grad_(False)
+    model = nn.Sequential(emb, frozen, head)
+    opt = torch.optim.SGD([emb.weight], lr=0.1)
+    agent = gradflow_agent.attach(model, config(), optimizer=opt)
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    opt.step()
+    snap = agent.snapshot()
+    agent.detach()
+    assert snap.layer("0")["grad_pressure"] == pytest.approx(emb.weight.grad.norm().item(), rel=1e-5)
+    assert math.isnan(snap.layer("1")["grad_pressure"])  # frozen: no gradient, no data
+    assert math.isnan(snap.layer("2")["grad_pressure"])
