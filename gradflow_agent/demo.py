@@ -70,7 +70,7 @@ def build(pathology: str | None, seed: int = 0) -> Workload:
         if pathology == "unstable":
             def batch(step: int):  # a rare outlier batch: gradient spikes two orders above the rest
                 x, y = clean(step)
-                return (x, y * 100.0) if step % 25 == 24 else (x, y)
+                return (x, y * 100.0) if step % 20 == 19 else (x, y)
         if pathology == "nonfinite":
             skip = True
 
@@ -80,7 +80,7 @@ def build(pathology: str | None, seed: int = 0) -> Workload:
                     x[0, 3] = float("nan")
                 return x, y
     elif pathology == "vanishing":  # deep sigmoid stack with a small initialisation
-        model = _mlp([d_in] + [64] * 12 + [d_out], nn.Sigmoid)
+        model = _mlp([d_in] + [64] * 9 + [d_out], nn.Sigmoid)
         _scale_init(model, 0.5)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     elif pathology == "exploding":  # too large an initialisation gain; a tiny LR keeps it finite

@@ -1,8 +1,11 @@
 """Activation statistics: reduced on the device in a few fused ops per hooked output.
 
-Each forward call contributes seven 0-d tensors (sum, L2 norm, non-zero count, non-finite count,
-saturated count, min, max) to a pending list; `fold()` stacks them once per step and adds them into
-per-layer interval buffers with two indexed ops. No hook ever reads a device value back to the host.
+Each forward call yields seven 0-d reductions (sum, L2 norm, non-zero count, non-finite count,
+saturated count, min, max). On an accelerator they go to a pending list that `fold()` stacks once per
+step and adds into per-layer device buffers with two indexed ops: no hook ever reads a device value
+back. On the CPU the device *is* the host, so a read-back is a plain memory load: the values are added
+into the host buffers directly, which saves the per-step stack (measured: the fold was a third of the
+agent's cost on a 1 ms step). Both paths produce the same buffers; a test runs both.
 
 Non-finite values never poison the summary: on CUDA every output is reduced over its finite part
 (`where(isfinite)`); on CPU, where a read-back costs nothing, the plain reductions run first and the
@@ -30,7 +33,9 @@ class ActivationStats:
         self.track_dead = dead_units
         self.window = window
         self.robust = device.type != "cpu" if robust is None else robust
+        self.on_host = device.type == "cpu"
         n = len(kinds)
+        self._host_rows = [[0.0] * (N_COLS + 1) for _ in range(n)]  # CPU: N_COLS sums + absmax
         self.acc = torch.zeros(n, N_COLS, dtype=torch.float64, device=device)
         self.absmax = torch.zeros(n, dtype=torch.float32, device=device)
         self.numel = np.zeros(n)
@@ -54,30 +59,55 @@ class ActivationStats:
         if not y.is_floating_point() or y.numel() == 0:
             return
         y = y.detach()
-        n = y.numel()
-        acc_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
-        if self.robust:
-            vals = self._reduce_masked(y, acc_dtype)
-        else:
-            s = torch.sum(y, dtype=acc_dtype)
-            norm = torch.linalg.vector_norm(y, dtype=acc_dtype)
-            if math.isfinite(s.item() + norm.item()):
-                mn, mx = torch.aminmax(y)
-                vals = [s, norm, torch.count_nonzero(y), self._zero, self._zero, mn, mx]
-            else:
-                vals = self._reduce_masked(y, acc_dtype)
         kind = self.kinds[i]
-        if kind.bounded:
-            vals[4], den = self._saturated(kind, y)
-            self.sat_den[i] += den
+        if self.on_host and not self.robust:
+            self._observe_host(i, y)
+        else:
+            acc_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+            vals = self._reduce_masked(y, acc_dtype)
+            if kind.bounded:
+                vals[4], den = self._saturated(kind, y)
+                self.sat_den[i] += den
+            if self.on_host:
+                self._add_host(i, *(v.item() for v in vals))
+            else:
+                self._pending.extend(vals)
+                self._pending_idx.append(i)
+            self.numel[i] += y.numel()
+            self.calls[i] += 1
         if self.track_dead and kind.relu_family:
             self._track_units(i, y, channels_first)
-        self._pending.extend(vals)
-        self._pending_idx.append(i)
-        self.numel[i] += n
-        self.calls[i] += 1
         if len(self._pending_idx) > 4096:  # a loop that never steps (inference): bound the list
             self.fold()
+
+    def _observe_host(self, i: int, y: torch.Tensor) -> None:
+        """CPU fast path: four plain reductions read straight back; masked ones only if non-finite."""
+        wide = y.dtype in (torch.float16, torch.bfloat16)
+        s = (torch.sum(y, dtype=torch.float32) if wide else torch.sum(y)).item()
+        norm = (torch.linalg.vector_norm(y, dtype=torch.float32) if wide else torch.linalg.vector_norm(y)).item()
+        if math.isfinite(s + norm):
+            mn, mx = torch.aminmax(y)
+            values = (s, norm, torch.count_nonzero(y).item(), 0, 0, mn.item(), mx.item())
+        else:
+            acc_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+            values = tuple(v.item() for v in self._reduce_masked(y, acc_dtype))
+        kind = self.kinds[i]
+        if kind.bounded:
+            sat, den = self._saturated(kind, y)
+            values = (*values[:4], sat.item(), *values[5:])
+            self.sat_den[i] += den
+        self._add_host(i, *values)
+        self.numel[i] += y.numel()
+        self.calls[i] += 1
+
+    def _add_host(self, i: int, s, norm, nonzero, nonfinite, sat, mn, mx) -> None:
+        row = self._host_rows[i]
+        row[0] += s
+        row[1] += norm * norm
+        row[2] += nonzero
+        row[3] += nonfinite
+        row[4] += sat
+        row[5] = max(row[5], -mn, mx)
 
     def _reduce_masked(self, y: torch.Tensor, acc_dtype: torch.dtype) -> list[torch.Tensor]:
         finite = torch.isfinite(y)
@@ -148,8 +178,9 @@ class ActivationStats:
 
     def finish(self, host: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Turn the transferred buffers into interval statistics and reset the interval."""
-        acc = host[0].reshape(-1, N_COLS)
-        absmax = host[1]
+        rows = np.array(self._host_rows).reshape(-1, N_COLS + 1)
+        acc = host[0].reshape(-1, N_COLS) + rows[:, :N_COLS]
+        absmax = np.maximum(host[1], rows[:, N_COLS])
         if len(host) > 2:  # a dead-unit window completed: publish it and start the next one
             self._dead_ratio = np.where(np.isnan(host[2]), self._dead_ratio, host[2])
             self._unit_max.clear()
@@ -172,6 +203,7 @@ class ActivationStats:
         out["nonfinite_activation"] = self.nonfinite_total.copy()
         self.acc.zero_()
         self.absmax.zero_()
+        self._host_rows = [[0.0] * (N_COLS + 1) for _ in self.kinds]
         self.numel[:] = 0
         self.sat_den[:] = 0
         self.calls[:] = 0

@@ -60,13 +60,13 @@ class GradientStats:
             if self.robust:
                 norms = self._masked_norms(dense, present)
             else:
-                norms = torch.stack(torch._foreach_norm(dense)).float()
-                if not math.isfinite(norms.sum().item()):
+                norms = torch.stack(torch._foreach_norm(dense))
+                if not math.isfinite(norms.sum().item()):  # CPU only: reading back is free there
                     norms = self._masked_norms(dense, present)
             if len(present) == len(grads):
                 row.copy_(norms)
             else:
-                row.index_copy_(0, torch.tensor(present, device=self.device), norms)
+                row.index_copy_(0, torch.tensor(present, device=self.device), norms.float())
             if count_zeros:
                 self._count_nonzero(dense, present)
         self.filled = min(self.filled + 1, self.ring.shape[0])

@@ -1,0 +1,149 @@
+"""Training-step overhead of the agent, as a ratio to the unmonitored step, measured side by side.
+
+Two identical copies of each workload train in one process, one with the agent attached; blocks of
+steps alternate between them (A B A B ...) so that machine noise hits both alike. Each round gives the
+ratio of the two blocks' median step times; the table shows the median ratio and its min-max over the
+rounds. Run on one thread, like the reference figures in the README:
+
+    python bench/overhead.py                       # all workloads, default config and "every statistic"
+    python bench/overhead.py --workloads tiny --rounds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gradflow_agent  # noqa: E402
+
+CONFIGS = {
+    "default": {"exporters": {"prometheus": {"port": 0, "addr": "127.0.0.1"}}},
+    "all": {"exporters": {"prometheus": {"port": 0, "addr": "127.0.0.1"}},
+            "sampling": {"every_n_steps": 1},
+            "stats": {"parameters": {"every_n_steps": 1}, "activations": {"dead_units": True}}},
+}
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, vocab=8000, d=256, heads=4, ff=1024, layers=6):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tokens):
+        return self.head(self.encoder(self.embed(tokens)))
+
+
+def _cnn() -> nn.Module:
+    blocks, c = [], 3
+    for out in (32, 64, 96, 128):
+        blocks += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]
+        c = out
+    return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(128 * 4 * 4, 10))
+
+
+def _mlp(width: int, depth: int, d_in: int, d_out: int) -> nn.Module:
+    layers, a = [], d_in
+    for _ in range(depth - 1):
+        layers += [nn.Linear(a, width), nn.ReLU()]
+        a = width
+    return nn.Sequential(*layers, nn.Linear(a, d_out))
+
+
+def workloads() -> dict[str, Callable[[], tuple[nn.Module, Callable]]]:
+    """name -> factory of (model, batch) where batch() gives (x, y) and the loss is cross-entropy."""
+    def transformer():
+        tokens = torch.randint(0, 8000, (16, 128))
+        return TinyTransformer(), lambda: (tokens, tokens)
+
+    def mlp():
+        x, y = torch.randn(256, 1024), torch.randint(0, 10, (256,))
+        return _mlp(1024, 12, 1024, 10), lambda: (x, y)
+
+    def cnn():
+        x, y = torch.randn(64, 3, 64, 64), torch.randint(0, 10, (64,))
+        return _cnn(), lambda: (x, y)
+
+    def tiny():
+        x, y = torch.randn(32, 128), torch.randint(0, 10, (32,))
+        return _mlp(128, 4, 128, 10), lambda: (x, y)
+
+    return {"transformer": transformer, "mlp": mlp, "cnn": cnn, "tiny": tiny}
+
+
+def _step(model, opt, batch, agent=None) -> None:
+    x, y = batch()
+    out = model(x)
+    loss = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if agent is not None:
+        agent.step(loss=loss)
+
+
+def _block(model, opt, batch, steps, agent=None) -> float:
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        _step(model, opt, batch, agent)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(name: str, config: dict, rounds: int, steps: int) -> tuple[float, float, float, float]:
+    torch.manual_seed(0)
+    model, batch = workloads()[name]()
+    twin = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), 1e-4)
+    opt_twin = torch.optim.Adam(twin.parameters(), 1e-4)
+    agent = gradflow_agent.attach(twin, config, optimizer=opt_twin)
+    for _ in range(2):  # warm-up both
+        _block(model, opt, batch, steps)
+        _block(twin, opt_twin, batch, steps, agent)
+    ratios, base = [], []
+    for r in range(rounds):
+        if r % 2:  # alternate which goes first
+            b = _block(twin, opt_twin, batch, steps, agent)
+            a = _block(model, opt, batch, steps)
+        else:
+            a = _block(model, opt, batch, steps)
+            b = _block(twin, opt_twin, batch, steps, agent)
+        ratios.append(b / a)
+        base.append(a)
+    agent.detach()
+    return statistics.median(ratios), min(ratios), max(ratios), statistics.median(base)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", default=list(workloads()), choices=list(workloads()))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--rounds", type=int, default=0, help="rounds per workload (0 = by workload size)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    plan = {"transformer": (8, 3), "mlp": (10, 4), "cnn": (10, 4), "tiny": (30, 50)}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), gradflow_agent "
+          f"{gradflow_agent.__version__}")
+    print(f"{'workload':<12} {'config':<8} {'step (ms)':>10} {'ratio':>7}  {'min-max':>13}")
+    for name in args.workloads:
+        rounds, steps = plan[name]
+        for cfg_name in args.configs:
+            med, lo, hi, base = measure(name, CONFIGS[cfg_name], args.rounds or rounds, steps)
+            print(f"{name:<12} {cfg_name:<8} {base * 1e3:>10.2f} {med:>6.3f}x  {lo:.3f}-{hi:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
