@@ -13,11 +13,13 @@ import gradflow_agent
 from tests.conftest import config
 
 
-def _collect(model, inputs_per_step, robust=None, **cfg):
+def _collect(model, inputs_per_step, robust=None, device_path=False, **cfg):
     agent = gradflow_agent.attach(model, config(**cfg))
     if robust is not None:
         agent.act.robust = robust
         agent.grad.robust = robust
+    if device_path:  # what CUDA runs: pending reductions folded into device buffers once per step
+        agent.act.on_host = False
     with torch.no_grad():
         for inputs in inputs_per_step:
             for x in inputs:
@@ -28,15 +30,16 @@ def _collect(model, inputs_per_step, robust=None, **cfg):
     return snap
 
 
-@pytest.mark.parametrize("robust", [False, True], ids=["cpu-fast-path", "masked-path"])
-def test_activation_statistics_match_torch(robust):
+@pytest.mark.parametrize("robust,device_path", [(False, False), (True, False), (True, True)],
+                         ids=["cpu-fast-path", "masked-path", "accelerator-path"])
+def test_activation_statistics_match_torch(robust, device_path):
     model = nn.Sequential(nn.Identity(), nn.Tanh(), nn.ReLU())
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(6, 5, generator=g) * 3 for _ in range(4)]
     xs[0][0, 0] = 0.0
     xs[1][2, 3] = float("nan")
     xs[2][1, 1] = float("inf")
-    snap = _collect(model, [xs[:2], xs[2:]], robust=robust)  # two steps, two calls each
+    snap = _collect(model, [xs[:2], xs[2:]], robust=robust, device_path=device_path)  # 2 steps x 2 calls
 
     allx = torch.cat([x.reshape(-1) for x in xs])
     finite = allx[torch.isfinite(allx)]

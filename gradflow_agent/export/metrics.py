@@ -2,8 +2,10 @@
 
 Each metric has a Prometheus name (base units, `_total` on counters, `_ratio` on ratios) and an OTel
 instrument name and UCUM unit chosen so that the OpenTelemetry -> Prometheus translation (dots become
-underscores, unit "1" adds `_ratio`, "s" adds `_seconds`, counters add `_total`, braces are dropped)
+underscores, "s" adds `_seconds`, counters add `_total`, braces are dropped)
 gives back exactly the Prometheus name; a test checks that with the real OTel Prometheus exporter.
+Ratios keep "ratio" in the instrument name: translators that add `_ratio` for unit "1" only do so
+when the name lacks it, and those that do not (exporter-prometheus 0.66b2 here) still get it right.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class Metric:
     @property
     def otel_name(self) -> str:
         base = self.name
-        for suffix, unit in (("_total", None), ("_ratio", "1"), ("_seconds", "s")):
+        for suffix, unit in (("_total", None), ("_seconds", "s")):
             if base.endswith(suffix) and (unit is None or self.unit == unit):
                 base = base[: -len(suffix)]
         return base.replace("_", ".")

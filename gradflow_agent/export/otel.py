@@ -49,17 +49,21 @@ def resolve_endpoint(cfg) -> str:
 
 
 class OtelExporter:
-    def __init__(self, agent, cfg) -> None:
+    def __init__(self, agent, cfg, reader=None) -> None:
+        """`reader` replaces the OTLP push reader (tests use the OTel Prometheus reader)."""
         self.agent = agent
         self.endpoint = resolve_endpoint(cfg)
         const = agent.constant_labels()
         resource = Resource.create({"service.name": cfg.service_name, "service.version": __version__,
                                     "run": const["run"], "rank": const["rank"],
                                     **{k: v for k, v in const.items() if k not in ("run", "rank")}})
-        exporter = _CountingExporter(agent.errors, endpoint=self.endpoint, headers=dict(cfg.headers),
-                                     timeout=cfg.timeout_seconds)
-        self.reader = PeriodicExportingMetricReader(exporter, export_interval_millis=cfg.interval_seconds * 1000,
-                                                    export_timeout_millis=cfg.timeout_seconds * 1000)
+        self.timeout_millis = int(cfg.timeout_seconds * 1000)
+        if reader is None:
+            exporter = _CountingExporter(agent.errors, endpoint=self.endpoint, headers=dict(cfg.headers),
+                                         timeout=cfg.timeout_seconds)
+            reader = PeriodicExportingMetricReader(exporter, export_interval_millis=cfg.interval_seconds * 1000,
+                                                   export_timeout_millis=self.timeout_millis)
+        self.reader = reader
         self.provider = MeterProvider(resource=resource, metric_readers=[self.reader])
         meter = self.provider.get_meter("gradflow_agent", __version__)
         for metric in ALL:
@@ -91,5 +95,5 @@ class OtelExporter:
         """Nothing to do: the reader collects from the latest snapshot on its own schedule."""
 
     def close(self) -> None:
-        self.provider.force_flush(timeout_millis=int(self.reader._export_timeout_millis))
-        self.provider.shutdown(timeout_millis=int(self.reader._export_timeout_millis))
+        self.provider.force_flush(timeout_millis=self.timeout_millis)
+        self.provider.shutdown(timeout_millis=self.timeout_millis)
