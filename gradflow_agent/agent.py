@@ -30,6 +30,7 @@ from .snapshot import LAYER_STATS, Snapshot
 from .stats.activations import ActivationStats
 from .stats.engine import transfer
 from .stats.gradients import GradientStats
+from .stats.output_grads import OutputGradStats
 from .stats.parameters import ParameterStats
 
 log = logging.getLogger("gradflow_agent")
@@ -92,6 +93,7 @@ class Agent:
         self.param = ParameterStats(params, layer_of_param, L, self.device,
                                     mode=cfg.stats.parameters.update_ratio,
                                     sample_size=cfg.stats.parameters.sample_size, seed=cfg.stats.parameters.seed)
+        self.out_grad = OutputGradStats(L, self.device)
 
         self.steps = 0
         self.skipped_optimizer_steps = 0
@@ -104,8 +106,11 @@ class Agent:
         self._latest: Snapshot | None = None
         self._closed = False
 
-        self.hooks = HookManager(self.layers, self.errors, self.act.observe)
-        if cfg.stats.activations.enabled:
+        output_grads = cfg.stats.gradients.enabled and cfg.stats.gradients.output_grads
+        self.hooks = HookManager(self.layers, self.errors,
+                                 self.act.observe if cfg.stats.activations.enabled else None,
+                                 self.out_grad.watch if output_grads else None)
+        if cfg.stats.activations.enabled or output_grads:
             self.hooks.attach_forward()
         self.hooks.attach_optimizer(optimizer, params, self._before_optimizer_step, self._after_optimizer_step)
         if cfg.stats.parameters.enabled and self._param_due(1):
@@ -194,12 +199,13 @@ class Agent:
             scale = [self.scaler._scale.reshape(-1)[:1]] if getattr(self.scaler, "_scale", None) is not None \
                 else []
             groups = [self.act.device_parts(), self.grad.device_parts(), self.param.device_parts(),
-                      loss_parts, scale]
+                      loss_parts, scale, self.out_grad.device_parts()]
             host = transfer(groups, self.device)
             stats = {}
             stats.update(self.act.finish(host[0]))
             stats.update(self.grad.finish(host[1]))
             stats.update(self.param.finish(host[2]))
+            stats.update(self.out_grad.finish(host[5]))
             interval = self.steps - self._interval_start
             self._interval_start = self.steps
             self._last_publish = time.monotonic()

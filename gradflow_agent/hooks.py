@@ -74,10 +74,12 @@ class HookManager:
     """Registers and removes every hook; a hook that fails is counted and training goes on."""
 
     def __init__(self, layers: list[Layer], errors: ErrorCounter,
-                 on_activation: Callable[[int, torch.Tensor, bool], None]) -> None:
+                 on_activation: Callable[[int, torch.Tensor, bool], None] | None,
+                 on_output: Callable[[int, torch.Tensor], None] | None = None) -> None:
         self.layers = layers
         self.errors = errors
         self.on_activation = on_activation
+        self.on_output = on_output
         self.active = True  # statistics are computed on this step
         self.overhead = 0.0  # seconds spent in hooks
         self._handles: list = []
@@ -93,7 +95,7 @@ class HookManager:
     def _forward_hook(self, layer: Layer):
         sets_layout = next(layer.module.parameters(recurse=False), None) is not None
         layout = isinstance(layer.module, CHANNELS_FIRST)
-        index, observe, errors = layer.index, self.on_activation, self.errors
+        index, observe, watch, errors = layer.index, self.on_activation, self.on_output, self.errors
 
         def hook(module, inputs, output):
             if not self.active or _in_backward():
@@ -102,7 +104,10 @@ class HookManager:
             try:
                 y = first_tensor(output)
                 if y is not None:
-                    observe(index, y, self._channels_first)
+                    if observe is not None:
+                        observe(index, y, self._channels_first)
+                    if watch is not None:
+                        watch(index, y)
                 if sets_layout or layout:
                     self._channels_first = layout
             except Exception as exc:  # never hurt the run

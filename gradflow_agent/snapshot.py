@@ -15,6 +15,7 @@ LAYER_STATS = (
     "grad_pressure", "grad_pressure_max", "grad_turbulence", "grad_velocity", "grad_zero_ratio",
     "activation_mean", "activation_std", "activation_absmax", "activation_zero_ratio",
     "activation_dead_unit_ratio", "activation_saturation_ratio", "param_norm", "update_ratio",
+    "output_grad_norm",
 )
 NONFINITE_TENSORS = ("grad", "activation", "param")
 

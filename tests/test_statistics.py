@@ -235,3 +235,24 @@ def test_shared_and_frozen_parameters():
     assert snap.layer("0")["grad_pressure"] == pytest.approx(emb.weight.grad.norm().item(), rel=1e-5)
     assert math.isnan(snap.layer("1")["grad_pressure"])  # frozen: no gradient, no data
     assert math.isnan(snap.layer("2")["grad_pressure"])
+
+
+def test_output_gradients_cover_parameterless_layers_even_before_inplace_ops():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    agent = gradflow_agent.attach(model, config(stats={"gradients": {"output_grads": True}}), optimizer=opt)
+    seen = {}
+
+    def reference(name):
+        def hook(module, inputs, output):
+            output.register_hook(lambda g: seen.__setitem__(name, g.norm().item()))
+        return hook
+
+    for name in ("0", "1"):
+        dict(model.named_children())[name].register_forward_hook(reference(name))
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    snap = agent.snapshot()
+    agent.detach()
+    for name in ("0", "1"):
+        assert snap.layer(name)["output_grad_norm"] == pytest.approx(seen[name], rel=1e-5)

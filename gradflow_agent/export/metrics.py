@@ -68,6 +68,9 @@ LAYER_GAUGES = {
                                           "Fraction of a bounded activation's outputs within the "
                                           "saturation margin of its bounds.", "1"),
     "param_norm": _layer("gradflow_param_norm", "L2 norm of the layer's trainable parameters."),
+    "output_grad_norm": _layer("gradflow_output_grad_norm",
+                               "Mean L2 norm of the gradient w.r.t. the layer's output per backward pass "
+                               "(opt-in: stats.gradients.output_grads)."),
     "update_ratio": _layer("gradflow_update_ratio",
                            "Update-to-weight ratio ||dw|| / ||w|| of the layer per optimizer step.", "1"),
 }
