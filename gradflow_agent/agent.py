@@ -105,6 +105,7 @@ class Agent:
         self._lock = threading.RLock()
         self._latest: Snapshot | None = None
         self._closed = False
+        self.plugins: list = []
 
         output_grads = cfg.stats.gradients.enabled and cfg.stats.gradients.output_grads
         self.hooks = HookManager(self.layers, self.errors,
@@ -181,6 +182,11 @@ class Agent:
             elif self._param_due(self.steps + 1):
                 self.param.take_before()
             self.hooks.active = self.steps % self.config.sampling.every_n_steps == 0
+            for plugin in self.plugins:
+                try:
+                    plugin.on_step(self)
+                except Exception as exc:
+                    self.errors.record(plugin.name, exc)
             due = (self.steps - self._interval_start >= self.config.sampling.export_every_n_steps
                    or time.monotonic() - self._last_publish >= self.config.sampling.export_every_seconds)
         if due:
@@ -220,6 +226,12 @@ class Agent:
         }
         if host[4]:
             counters["grad_scale"] = float(host[4][0][0])
+        extra = []
+        for plugin in self.plugins:
+            try:
+                extra.extend(plugin.collect())
+            except Exception as exc:
+                self.errors.record(plugin.name, exc)
         snap = Snapshot(
             step=self.steps, time=time.time(), interval_steps=interval,
             layers=tuple(layer.name for layer in self.layers),
@@ -228,7 +240,7 @@ class Agent:
             nonfinite={"grad": stats["nonfinite_grad"], "activation": stats["nonfinite_activation"],
                        "param": stats["nonfinite_param"]},
             grad_norm=stats["grad_norm"], loss=float(host[3][0][0]) if host[3] else float("nan"),
-            counters=counters, errors=dict(self.errors.counts),
+            counters=counters, errors=dict(self.errors.counts), extra=tuple(extra),
         )
         return diagnose(snap, self.config.thresholds)
 
@@ -241,6 +253,18 @@ class Agent:
                 self.errors.record(type(exporter).__name__, exc)
 
     # -- public API -------------------------------------------------------------------------------------
+    def add_plugin(self, plugin) -> None:
+        """Run a plug-in inside the agent: `plugin.on_step(agent)` at every step boundary (training
+        thread), `plugin.collect()` -> [(Metric, labels, value)] at every snapshot, published by every
+        exporter with the built-in metrics; `plugin.metrics` lists its catalogue entries; `plugin.name`
+        labels its errors; `plugin.close()` at detach. A failing plug-in is counted, never raised.
+        """
+        self.plugins.append(plugin)
+        for exporter in self.exporters:
+            register = getattr(exporter, "register", None)
+            if register is not None:
+                register(plugin.metrics)
+
     @property
     def latest(self) -> Snapshot | None:
         """The last published snapshot (no flush, no sync)."""
@@ -287,6 +311,11 @@ class Agent:
             self.errors.record("detach", exc)
         self._closed = True
         self.hooks.remove()
+        for plugin in self.plugins:
+            try:
+                plugin.close()
+            except Exception as exc:
+                self.errors.record(plugin.name, exc)
         for exporter in self.exporters:
             try:
                 exporter.close()

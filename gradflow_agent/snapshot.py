@@ -35,6 +35,7 @@ class Snapshot:
     loss: float  # mean loss over the interval (NaN when none was given)
     counters: Mapping[str, float]  # run-wide: steps_total, overhead_seconds_total, errors_total, ...
     errors: Mapping[str, int] = field(default_factory=dict)  # component -> errors so far
+    extra: tuple = ()  # (export.metrics.Metric, labels, value) published by plug-ins (Agent.add_plugin)
     issues: tuple = ()  # detect.Issue, filled in by the detectors
     health: np.ndarray | None = None  # per-layer health score 0-100, filled in by the detectors
 
@@ -69,4 +70,5 @@ class Snapshot:
             "grad_norm": clean(self.grad_norm), "loss": clean(self.loss),
             "counters": dict(self.counters), "errors": dict(self.errors),
             "issues": [i.to_dict() for i in self.issues], "layers": layers,
+            "extra": [{"name": m.name, "labels": labels, "value": clean(v)} for m, labels, v in self.extra],
         }

@@ -144,7 +144,8 @@ def test_otel_names_translate_back_to_the_prometheus_names():
 
     model = _model()
     opt = torch.optim.Adam(model.parameters())
-    agent = gradflow_agent.attach(model, config(run={"name": "names"}), optimizer=opt)
+    agent = gradflow_agent.attach(model, config(run={"name": "names"}, stats={"gradients": {"output_grads": True}}),
+                                  optimizer=opt)
     _train(agent, model, opt, 6)
     agent.snapshot()  # two intervals (velocity) and a full window (dead units): every statistic has data
     _train(agent, model, opt, 6)

@@ -247,3 +247,40 @@ def test_cli_demo_runs_and_reports(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert err.returncode == 2 and "unknown key 'sampling.every'" in err.stderr
     assert "Traceback" not in err.stderr
+
+
+def test_plugins_run_at_each_step_and_publish_through_the_exporters():
+    from gradflow_agent.export.metrics import Metric
+
+    class StepCounter:
+        name = "step_counter"
+        metrics = (Metric("gradflow_test_plugin_steps", "gauge", "Steps seen by a test plug-in.", labels=("layer",)),)
+
+        def __init__(self):
+            self.seen, self.closed = 0, False
+
+        def on_step(self, agent):
+            self.seen += 1
+            if self.seen == 3:
+                raise ValueError("a failing plug-in step")
+
+        def collect(self):
+            return [(self.metrics[0], {"layer": "all"}, float(self.seen))]
+
+        def close(self):
+            self.closed = True
+
+    model = _model()
+    opt = torch.optim.Adam(model.parameters())
+    agent = gradflow_agent.attach(model, config(exporters={"prometheus": {"enabled": True, "port": 0,
+                                                                          "addr": "127.0.0.1"}}), optimizer=opt)
+    plugin = StepCounter()
+    agent.add_plugin(plugin)
+    _train(model, opt, 5, agent)
+    snap = agent.snapshot()
+    text = urllib.request.urlopen(agent.prometheus_url, timeout=5).read().decode()
+    agent.detach()
+    assert plugin.seen == 5 and plugin.closed and snap.errors["step_counter"] == 1
+    assert 'gradflow_test_plugin_steps{layer="all",rank="0",run="default"} 5.0' in text
+    assert snap.to_dict()["extra"] == [{"name": "gradflow_test_plugin_steps", "labels": {"layer": "all"},
+                                        "value": 5.0}]

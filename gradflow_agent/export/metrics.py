@@ -131,3 +131,6 @@ def samples(snap: Snapshot, info: dict[str, str]) -> Iterator[tuple[Metric, dict
     for component in sorted(set(snap.errors) | {"hook"}):
         yield ERRORS, {"component": component}, float(snap.errors.get(component, 0))
     yield AGENT_INFO, dict(info), 1.0
+    for metric, labels, value in snap.extra:  # plug-in metrics (training dynamics, ...)
+        if not math.isnan(value):
+            yield metric, labels, float(value)

@@ -65,9 +65,14 @@ class OtelExporter:
                                                    export_timeout_millis=self.timeout_millis)
         self.reader = reader
         self.provider = MeterProvider(resource=resource, metric_readers=[self.reader])
-        meter = self.provider.get_meter("gradflow_agent", __version__)
-        for metric in ALL:
-            make = meter.create_observable_counter if metric.kind == "counter" else meter.create_observable_gauge
+        self.meter = self.provider.get_meter("gradflow_agent", __version__)
+        self.register(ALL)
+
+    def register(self, metrics) -> None:
+        """Create observable instruments for catalogue entries (plug-ins add theirs at any time)."""
+        for metric in metrics:
+            make = (self.meter.create_observable_counter if metric.kind == "counter"
+                    else self.meter.create_observable_gauge)
             make(metric.otel_name, callbacks=[self._callback(metric)], unit=metric.unit,
                  description=metric.help)
 
