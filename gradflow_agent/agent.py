@@ -87,7 +87,8 @@ class Agent:
         rows = max(cfg.sampling.window, math.ceil(cfg.sampling.export_every_n_steps / every)) + 1
         self.act = ActivationStats([layer.kind for layer in self.layers], self.device,
                                    margin=cfg.stats.activations.saturation_margin,
-                                   dead_units=cfg.stats.activations.dead_units, window=cfg.sampling.window)
+                                   dead_units=cfg.stats.activations.dead_units, window=cfg.sampling.window,
+                                   sample_elements=cfg.stats.activations.sample_elements)
         self.grad = GradientStats(params, layer_of_param, L, self.device, rows=rows,
                                   window=cfg.sampling.window)
         self.param = ParameterStats(params, layer_of_param, L, self.device,

@@ -49,6 +49,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sampling.window": (lambda v: v >= 2, "an integer >= 2"),
     "stats.activations.saturation_margin": (lambda v: 0 < v < 0.5, "a number in (0, 0.5)"),
     "stats.parameters.every_n_steps": (_positive, "a positive integer"),
+    "stats.activations.sample_elements": (_non_negative, "an integer >= 0 (0 = exact)"),
     "stats.parameters.update_ratio": (lambda v: v in ("sampled", "exact", "off"), "sampled, exact or off"),
     "stats.parameters.sample_size": (_positive, "a positive integer"),
     "thresholds.warmup_steps": (_non_negative, "an integer >= 0"),

@@ -63,6 +63,8 @@ def select_layers(model: nn.Module, modules_cfg) -> tuple[list[Layer], int]:
             continue
         if types and type(module).__name__ not in types:
             continue
+        if type(module).__name__ in modules_cfg.exclude_types:
+            continue
         if len(chosen) >= modules_cfg.max_layers:
             skipped += 1
             continue

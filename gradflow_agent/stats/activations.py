@@ -1,15 +1,20 @@
-"""Activation statistics: reduced on the device in a few fused ops per hooked output.
+"""Activation statistics: reduced on the device in a few fused reductions per hooked output.
 
-Each forward call yields seven 0-d reductions (sum, L2 norm, non-zero count, non-finite count,
-saturated count, min, max). On an accelerator they go to a pending list that `fold()` stacks once per
-step and adds into per-layer device buffers with two indexed ops: no hook ever reads a device value
-back. On the CPU the device *is* the host, so a read-back is a plain memory load: the values are added
-into the host buffers directly, which saves the per-step stack (measured: the fold was a third of the
-agent's cost on a 1 ms step). Both paths produce the same buffers; a test runs both.
+Cost model. Each reduction is one read of the output, and the physical floor of observing a layer is
+one read. So: the sum (exact mean, and a non-finite sum flags NaN/Inf anywhere) runs over the whole
+output; the second moment, min/max, exact zeros and saturation run over a fixed strided view of at most
+`sample_elements` elements (every k-th item along the leading dimensions, never along the unit,
+softmax or last dimension, so rows and units stay whole). Outputs up to that size are reduced exactly.
 
-Non-finite values never poison the summary: on CUDA every output is reduced over its finite part
-(`where(isfinite)`); on CPU, where a read-back costs nothing, the plain reductions run first and the
-masked ones only when the plain sum or norm came out non-finite. Both paths give the same numbers.
+Where the numbers go. Each call yields 0-d reductions. On an accelerator they go to a pending list
+that `fold()` stacks once per step and adds into per-layer device buffers with two indexed ops: no
+hook reads a device value back. On the CPU the device *is* the host, so a read-back is a plain memory
+load: values are added into host buffers directly, which saves the per-step stack. Both paths fill the
+same buffers; a test runs both.
+
+Non-finite values never poison the summary: on CUDA the view is always reduced over its finite part
+and non-finite elements are counted over the whole output; on the CPU the masked, exact reductions run
+only when the plain sum came out non-finite (reading it back is free there).
 """
 
 from __future__ import annotations
@@ -21,32 +26,54 @@ import torch
 
 from .kinds import OutputKind
 
-N_COLS = 5  # sum, sum of squares, non-zero, non-finite, saturated
+# Per-call columns: sum and non-finite count of the whole output; sum, sum of squares, non-zero,
+# saturated and non-finite counts of the view. Then min and max of the view (folded into absmax).
+COLS = ("sum", "view_sum", "view_sumsq", "view_nonzero", "view_saturated", "nonfinite", "view_nonfinite")
+N_COLS = len(COLS)
+
+
+def strided_view(y: torch.Tensor, limit: int, keep: set[int]) -> torch.Tensor:
+    """At most ~`limit` elements of `y`: every k-th index along leading dims not in `keep`."""
+    factor = y.numel() / limit
+    if factor <= 1 or limit <= 0:
+        return y
+    index: list[slice] = [slice(None)] * y.ndim
+    for d in range(y.ndim - 1):
+        if factor <= 1:
+            break
+        if d in keep or y.shape[d] <= 1:
+            continue
+        step = min(y.shape[d], math.ceil(factor))
+        index[d] = slice(None, None, step)
+        factor /= step
+    return y[tuple(index)]
 
 
 class ActivationStats:
     def __init__(self, kinds: list[OutputKind], device: torch.device, *, margin: float, dead_units: bool,
-                 window: int, robust: bool | None = None) -> None:
+                 window: int, sample_elements: int = 0, robust: bool | None = None) -> None:
         self.kinds = kinds
         self.device = device
         self.margin = margin
         self.track_dead = dead_units
         self.window = window
+        self.sample_elements = sample_elements
         self.robust = device.type != "cpu" if robust is None else robust
         self.on_host = device.type == "cpu"
         n = len(kinds)
-        self._host_rows = [[0.0] * (N_COLS + 1) for _ in range(n)]  # CPU: N_COLS sums + absmax
         self.acc = torch.zeros(n, N_COLS, dtype=torch.float64, device=device)
         self.absmax = torch.zeros(n, dtype=torch.float32, device=device)
-        self.numel = np.zeros(n)
-        self.sat_den = np.zeros(n)
+        self._host_rows = [[0.0] * (N_COLS + 1) for _ in range(n)]  # CPU: N_COLS sums + absmax
+        self.numel = np.zeros(n)  # elements seen (whole outputs)
+        self.view_numel = np.zeros(n)  # elements in the reduced views
+        self.sat_den = np.zeros(n)  # saturation denominator (elements, or rows for softmax)
         self.calls = np.zeros(n, dtype=np.int64)
         self._zero = torch.zeros((), dtype=torch.float32, device=device)
         self._pending: list[torch.Tensor] = []
         self._pending_idx: list[int] = []
         self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
         # dead units: per ReLU-family layer, the max output of each unit over the current window
-        self._unit_dims: dict[int, tuple[int, ...] | None] = {}
+        self._unit_dim: dict[int, int | None] = {}
         self._unit_max: dict[int, torch.Tensor] = {}
         self._unit_steps = 0
         self._dead_ratio = np.full(n, np.nan)
@@ -60,83 +87,105 @@ class ActivationStats:
             return
         y = y.detach()
         kind = self.kinds[i]
+        unit_dim = self._unit_dims(i, y, channels_first) if kind.relu_family else None
+        keep = {y.ndim - 1}
+        if unit_dim is not None:
+            keep.add(unit_dim)
+        if kind.softmax_dim is not None and y.ndim:
+            keep.add(kind.softmax_dim % y.ndim)
+        view = strided_view(y, self.sample_elements, keep)
+        wide = y.dtype in (torch.float16, torch.bfloat16)
         if self.on_host and not self.robust:
-            self._observe_host(i, y)
+            total = (torch.sum(y, dtype=torch.float32) if wide else torch.sum(y)).item()
+            if math.isfinite(total):
+                vals = self._reduce_plain(y, None if view is y else view, kind, wide, total)
+            else:
+                vals = [v.item() for v in self._reduce_masked(y, view, kind)]
+            self._add_host(i, *vals)
         else:
-            acc_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
-            vals = self._reduce_masked(y, acc_dtype)
-            if kind.bounded:
-                vals[4], den = self._saturated(kind, y)
-                self.sat_den[i] += den
+            vals = self._reduce_masked(y, view, kind)
             if self.on_host:
                 self._add_host(i, *(v.item() for v in vals))
             else:
                 self._pending.extend(vals)
                 self._pending_idx.append(i)
-            self.numel[i] += y.numel()
-            self.calls[i] += 1
-        if self.track_dead and kind.relu_family:
-            self._track_units(i, y, channels_first)
+        if kind.bounded:
+            self.sat_den[i] += self._sat_units(kind, view)
+        self.numel[i] += y.numel()
+        self.view_numel[i] += view.numel()
+        self.calls[i] += 1
+        if self.track_dead and unit_dim is not None:
+            self._track_units(i, view, unit_dim)
         if len(self._pending_idx) > 4096:  # a loop that never steps (inference): bound the list
             self.fold()
 
-    def _observe_host(self, i: int, y: torch.Tensor) -> None:
-        """CPU fast path: four plain reductions read straight back; masked ones only if non-finite."""
-        wide = y.dtype in (torch.float16, torch.bfloat16)
-        s = (torch.sum(y, dtype=torch.float32) if wide else torch.sum(y)).item()
-        norm = (torch.linalg.vector_norm(y, dtype=torch.float32) if wide else torch.linalg.vector_norm(y)).item()
-        if math.isfinite(s + norm):
-            mn, mx = torch.aminmax(y)
-            values = (s, norm, torch.count_nonzero(y).item(), 0, 0, mn.item(), mx.item())
+    def _reduce_plain(self, y: torch.Tensor, view: torch.Tensor | None, kind: OutputKind, wide: bool,
+                      total: float) -> list[float]:
+        """CPU fast path (no non-finite value anywhere): plain reductions of the view, read back.
+
+        `view` None means the output is small enough to be its own view: its sum is already known."""
+        if view is None:
+            vsum = total
+            view = y
         else:
-            acc_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
-            values = tuple(v.item() for v in self._reduce_masked(y, acc_dtype))
-        kind = self.kinds[i]
-        if kind.bounded:
-            sat, den = self._saturated(kind, y)
-            values = (*values[:4], sat.item(), *values[5:])
-            self.sat_den[i] += den
-        self._add_host(i, *values)
-        self.numel[i] += y.numel()
-        self.calls[i] += 1
+            vsum = (torch.sum(view, dtype=torch.float32) if wide else torch.sum(view)).item()
+        norm = (torch.linalg.vector_norm(view, dtype=torch.float32) if wide else
+                torch.linalg.vector_norm(view)).item()
+        mn, mx = torch.aminmax(view)
+        nonzero = torch.count_nonzero(view).item() if kind.has_zeros else view.numel()
+        sat = self._saturated(kind, view).item() if kind.bounded else 0
+        return [total, vsum, norm * norm, nonzero, sat, 0, 0, mn.item(), mx.item()]
 
-    def _add_host(self, i: int, s, norm, nonzero, nonfinite, sat, mn, mx) -> None:
-        row = self._host_rows[i]
-        row[0] += s
-        row[1] += norm * norm
-        row[2] += nonzero
-        row[3] += nonfinite
-        row[4] += sat
-        row[5] = max(row[5], -mn, mx)
-
-    def _reduce_masked(self, y: torch.Tensor, acc_dtype: torch.dtype) -> list[torch.Tensor]:
+    def _reduce_masked(self, y: torch.Tensor, view: torch.Tensor, kind: OutputKind) -> list[torch.Tensor]:
+        """Reductions over the finite part; non-finite elements counted over the whole output."""
+        acc = torch.float64 if y.dtype == torch.float64 else torch.float32
         finite = torch.isfinite(y)
         nonfinite = y.numel() - finite.sum()
-        yc = torch.where(finite, y, 0)
-        mn, mx = torch.aminmax(yc)
-        return [torch.sum(yc, dtype=acc_dtype), torch.linalg.vector_norm(yc, dtype=acc_dtype),
-                torch.count_nonzero(yc), nonfinite, self._zero, mn, mx]
+        total = torch.sum(torch.where(finite, y, 0), dtype=acc)
+        vfinite = finite if view is y else torch.isfinite(view)
+        vc = torch.where(vfinite, view, 0)
+        view_nonfinite = view.numel() - vfinite.sum()
+        mn, mx = torch.aminmax(vc)
+        nonzero = (torch.count_nonzero(vc) + view_nonfinite if kind.has_zeros else self._zero + view.numel())
+        sat = self._saturated(kind, view) if kind.bounded else self._zero
+        return [total, torch.sum(vc, dtype=acc), torch.linalg.vector_norm(vc, dtype=acc).square(), nonzero, sat,
+                nonfinite, view_nonfinite, mn, mx]
 
-    def _saturated(self, kind: OutputKind, y: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Count saturated outputs (comparisons with NaN are false, so NaN never counts)."""
+    def _saturated(self, kind: OutputKind, y: torch.Tensor) -> torch.Tensor:
+        """Saturated outputs in `y` (comparisons with NaN are false, so NaN never counts)."""
         if kind.softmax_dim is not None:
             dim = kind.softmax_dim if y.ndim else 0
-            rows = y.numel() // max(y.shape[dim], 1) if y.ndim else 1
-            return torch.count_nonzero(y.amax(dim=dim) > 1.0 - self.margin), rows
+            return torch.count_nonzero(y.amax(dim=dim) > 1.0 - self.margin)
         lo, hi = kind.bounds
         mid, half = (lo + hi) / 2, (hi - lo) / 2
         centred = y if mid == 0 else y - mid
-        return torch.count_nonzero(centred.abs() > half * (1.0 - self.margin)), y.numel()
+        return torch.count_nonzero(centred.abs() > half * (1.0 - self.margin))
 
-    def _track_units(self, i: int, y: torch.Tensor, channels_first: bool) -> None:
-        if i not in self._unit_dims:
-            if y.ndim <= 1:
-                self._unit_dims[i] = None
-            else:
-                unit = 1 if channels_first and y.ndim >= 3 else y.ndim - 1
-                self._unit_dims[i] = tuple(d for d in range(y.ndim) if d != unit)
-        dims = self._unit_dims[i]
-        unit_max = y if dims is None else y.amax(dim=dims)
+    @staticmethod
+    def _sat_units(kind: OutputKind, view: torch.Tensor) -> int:
+        if kind.softmax_dim is not None and view.ndim:
+            return view.numel() // max(view.shape[kind.softmax_dim], 1)
+        return view.numel()
+
+    def _add_host(self, i: int, total, vsum, vsumsq, nonzero, sat, nonfinite, view_nonfinite, mn, mx) -> None:
+        row = self._host_rows[i]
+        row[0] += total
+        row[1] += vsum
+        row[2] += vsumsq
+        row[3] += nonzero
+        row[4] += sat
+        row[5] += nonfinite
+        row[6] += view_nonfinite
+        row[7] = max(row[7], -mn, mx)
+
+    def _unit_dims(self, i: int, y: torch.Tensor, channels_first: bool) -> int | None:
+        if i not in self._unit_dim:
+            self._unit_dim[i] = None if y.ndim <= 1 else (1 if channels_first and y.ndim >= 3 else y.ndim - 1)
+        return self._unit_dim[i]
+
+    def _track_units(self, i: int, y: torch.Tensor, unit: int) -> None:
+        dims = tuple(d for d in range(y.ndim) if d != unit)
+        unit_max = y.amax(dim=dims)
         buf = self._unit_max.get(i)
         if buf is None or buf.shape != unit_max.shape:
             self._unit_max[i] = unit_max.float().clone()
@@ -145,7 +194,7 @@ class ActivationStats:
 
     # -- step boundary --------------------------------------------------------------------------------
     def fold(self) -> None:
-        """Add the pending per-call reductions into the interval buffers: one stack, two indexed adds."""
+        """Add the pending per-call reductions into the device buffers: one stack, two indexed ops."""
         if not self._pending_idx:
             return
         key = tuple(self._pending_idx)
@@ -154,11 +203,10 @@ class ActivationStats:
             idx = torch.tensor(key, dtype=torch.long, device=self.device)
             if len(self._idx_cache) < 64:
                 self._idx_cache[key] = idx
-        v = torch.stack(self._pending).view(-1, 7).double()
+        v = torch.stack(self._pending).view(-1, N_COLS + 2).double()
         self._pending, self._pending_idx = [], []
-        cols = torch.stack((v[:, 0], v[:, 1].square(), v[:, 2], v[:, 3], v[:, 4]), dim=1)
-        self.acc.index_add_(0, idx, cols)
-        self.absmax.scatter_reduce_(0, idx, torch.maximum(-v[:, 5], v[:, 6]).float(), "amax")
+        self.acc.index_add_(0, idx, v[:, :N_COLS])
+        self.absmax.scatter_reduce_(0, idx, torch.maximum(-v[:, N_COLS], v[:, N_COLS + 1]).float(), "amax")
 
     def end_step(self) -> None:
         self.fold()
@@ -185,13 +233,15 @@ class ActivationStats:
             self._dead_ratio = np.where(np.isnan(host[2]), self._dead_ratio, host[2])
             self._unit_max.clear()
             self._unit_steps = 0
-        s, ssq, nonzero, nonfinite, sat = acc.T
+        total, vsum, vsumsq, nonzero, sat, nonfinite, view_nonfinite = acc.T
         seen = self.calls > 0
-        finite = np.maximum(self.numel - nonfinite, 1)
+        has_zeros = np.array([k.has_zeros for k in self.kinds], dtype=bool)
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = s / finite
-            std = np.sqrt(np.maximum(ssq / finite - mean * mean, 0.0))
-            zero = (self.numel - nonzero - nonfinite) / np.maximum(self.numel, 1)
+            mean = total / np.maximum(self.numel - nonfinite, 1)
+            view_finite = np.maximum(self.view_numel - view_nonfinite, 1)
+            vmean = vsum / view_finite
+            std = np.sqrt(np.maximum(vsumsq / view_finite - vmean * vmean, 0.0))
+            zero = np.where(has_zeros, 1.0 - nonzero / self.view_numel, np.nan)
             saturation = np.where(self.sat_den > 0, sat / np.maximum(self.sat_den, 1), np.nan)
         fresh = {"activation_mean": mean, "activation_std": std, "activation_absmax": absmax,
                  "activation_zero_ratio": zero, "activation_saturation_ratio": saturation}
@@ -204,7 +254,6 @@ class ActivationStats:
         self.acc.zero_()
         self.absmax.zero_()
         self._host_rows = [[0.0] * (N_COLS + 1) for _ in self.kinds]
-        self.numel[:] = 0
-        self.sat_den[:] = 0
-        self.calls[:] = 0
+        for buf in (self.numel, self.view_numel, self.sat_den, self.calls):
+            buf[:] = 0
         return out
