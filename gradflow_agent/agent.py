@@ -100,6 +100,7 @@ class Agent:
         self.skipped_optimizer_steps = 0
         self._opt_stepped = False  # an optimizer step happened since the last agent.step()
         self._losses: list[torch.Tensor | float] = []
+        self._last_loss: float | None = None
         self._interval_start = 0
         self._last_publish = time.monotonic()
         self._overhead = 0.0
@@ -213,6 +214,8 @@ class Agent:
             stats.update(self.grad.finish(host[1]))
             stats.update(self.param.finish(host[2]))
             stats.update(self.out_grad.finish(host[5]))
+            if host[3]:  # an interval without a loss keeps the last one (None until a loss is given)
+                self._last_loss = float(host[3][0][0])
             interval = self.steps - self._interval_start
             self._interval_start = self.steps
             self._last_publish = time.monotonic()
@@ -240,7 +243,7 @@ class Agent:
             stats={k: np.asarray(stats[k], dtype=np.float64) for k in LAYER_STATS},
             nonfinite={"grad": stats["nonfinite_grad"], "activation": stats["nonfinite_activation"],
                        "param": stats["nonfinite_param"]},
-            grad_norm=stats["grad_norm"], loss=float(host[3][0][0]) if host[3] else float("nan"),
+            grad_norm=stats["grad_norm"], loss=self._last_loss,
             counters=counters, errors=dict(self.errors.counts), extra=tuple(extra),
         )
         return diagnose(snap, self.config.thresholds)

@@ -12,6 +12,7 @@ import sys
 DELEGATED = {
     "init-check": ("gradflow_agent.initcheck.cli", "check a module's initialisation (norms, spectra, ...)"),
     "rules": ("gradflow_agent.alerting.cli", "write Prometheus alert rules from a config's thresholds"),
+    "dashboards": ("gradflow_agent.alerting.dashboards_cli", "write the Grafana dashboards from a config"),
 }
 
 

@@ -82,7 +82,8 @@ def build(pathology: str | None, seed: int = 0) -> Workload:
     elif pathology == "vanishing":  # deep sigmoid stack with a small initialisation
         model = _mlp([d_in] + [64] * 9 + [d_out], nn.Sigmoid)
         _scale_init(model, 0.5)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        # a tiny eps keeps Adam's steps lr-sized even for ~1e-9 gradients: vanishing, not also stalled
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-14)
     elif pathology == "exploding":  # too large an initialisation gain; a tiny LR keeps it finite
         model = _mlp([d_in, 64, 64, 64, 64, 64, d_out], nn.ReLU)
         _scale_init(model, 4.0)

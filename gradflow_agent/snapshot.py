@@ -32,7 +32,7 @@ class Snapshot:
     stats: Mapping[str, np.ndarray]  # LAYER_STATS key -> float array over layers
     nonfinite: Mapping[str, np.ndarray]  # "grad" | "activation" | "param" -> cumulative counts per layer
     grad_norm: float  # global gradient L2 norm at the last computed step
-    loss: float  # mean loss over the interval (NaN when none was given)
+    loss: float | None  # mean loss over the last interval that had one (None until a loss is given)
     counters: Mapping[str, float]  # run-wide: steps_total, overhead_seconds_total, errors_total, ...
     errors: Mapping[str, int] = field(default_factory=dict)  # component -> errors so far
     extra: tuple = ()  # (export.metrics.Metric, labels, value) published by plug-ins (Agent.add_plugin)
@@ -54,8 +54,8 @@ class Snapshot:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (NaN -> None), one entry per layer."""
 
-        def clean(x: float) -> float | None:
-            return None if not math.isfinite(x) else float(x)
+        def clean(x: float | None) -> float | None:
+            return None if x is None or not math.isfinite(x) else float(x)
 
         layers = []
         for i, name in enumerate(self.layers):

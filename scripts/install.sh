@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   missing=()
-  for bin in prometheus promtool pushgateway prometheus-alertmanager amtool; do
+  for bin in prometheus promtool prometheus-pushgateway prometheus-alertmanager amtool; do
     command -v "$bin" >/dev/null 2>&1 || missing+=("$bin")
   done
   if ((${#missing[@]})); then

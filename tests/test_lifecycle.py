@@ -284,3 +284,21 @@ def test_plugins_run_at_each_step_and_publish_through_the_exporters():
     assert 'gradflow_test_plugin_steps{layer="all",rank="0",run="default"} 5.0' in text
     assert snap.to_dict()["extra"] == [{"name": "gradflow_test_plugin_steps", "labels": {"layer": "all"},
                                         "value": 5.0}]
+
+
+def test_loss_is_published_once_given_and_a_nan_loss_stays_nan():
+    from gradflow_agent.export.metrics import samples
+
+    model = _model()
+    agent = gradflow_agent.attach(model, config())
+    agent.step()
+    assert not [m for m, _, _ in samples(agent.snapshot(), agent.info) if m.name == "gradflow_loss"]
+    agent.step(loss=torch.tensor(2.0))
+    agent.step(loss=4.0)
+    assert agent.snapshot().loss == 3.0
+    agent.step()
+    assert agent.snapshot().loss == 3.0  # an interval without a loss keeps the last one
+    agent.step(loss=torch.tensor(float("nan")))
+    values = [v for m, _, v in samples(agent.snapshot(), agent.info) if m.name == "gradflow_loss"]
+    agent.detach()
+    assert len(values) == 1 and values[0] != values[0]

@@ -21,6 +21,8 @@ class ParameterStats:
         self.device = device
         self.mode = mode
         self.layer_idx = torch.tensor(layer_of_param, dtype=torch.long, device=device)
+        self._has_params = np.zeros(n_layers, dtype=bool)  # layers owning a trainable parameter
+        self._has_params[[i for i in layer_of_param if i < n_layers]] = True
         L1 = n_layers + 1
         self.norm_sq = torch.zeros(L1, dtype=torch.float64, device=device)  # last measured, per layer
         self.ratio_sum = torch.zeros(L1, dtype=torch.float64, device=device)
@@ -116,16 +118,13 @@ class ParameterStats:
 
     def finish(self, host: list[np.ndarray]) -> dict[str, np.ndarray]:
         norm_sq, ratio_sum, ratio_n, nonfinite = host
-        has = np.zeros(self.n_layers, dtype=bool)
-        idx = self.layer_idx.cpu().numpy()
-        has[idx[idx < self.n_layers]] = True
         if ratio_n.any():
             with np.errstate(invalid="ignore", divide="ignore"):
                 self._last_ratio = np.where(ratio_n > 0, ratio_sum / ratio_n, self._last_ratio)
         self.ratio_sum.zero_()
         self.ratio_n.zero_()
         return {
-            "param_norm": np.where(has & self._measured, np.sqrt(norm_sq), np.nan),
+            "param_norm": np.where(self._has_params & self._measured, np.sqrt(norm_sq), np.nan),
             "update_ratio": self._last_ratio.copy(),
             "nonfinite_param": nonfinite,
         }

@@ -1,0 +1,513 @@
+"""Grafana dashboards as code, built with Grafana's own `grafana-foundation-sdk`.
+
+The JSON under `grafana/dashboards/` is the output of `build_dashboards(config/default.yaml)` and a test
+keeps the two identical, so panel thresholds and metric names stay in step with the config and with the
+alert rules (`gradflow-agent dashboards -o grafana/dashboards` regenerates them).
+
+Conventions every panel keeps (tests check them): the `${datasource}` variable on the panel and on each
+query, the `job`/`instance`/`run`/`rank`/`layer` template variables as label matchers, `$__rate_interval`
+in every `rate()`/`increase()`, a unit and a description, and stable dashboard `uid`s.
+
+Requires `grafana-foundation-sdk` pinned to an epoch version (see `SDK_REQUIREMENT`): an unpinned install
+resolves to the Grafana 10.1 target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from grafana_foundation_sdk.builders import barchart, bargauge, heatmap, stat, statetimeline, table, timeseries
+from grafana_foundation_sdk.builders import common as cb
+from grafana_foundation_sdk.builders import dashboard as db
+from grafana_foundation_sdk.builders import prometheus as prom
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common as cm
+from grafana_foundation_sdk.models import dashboard as dm
+from grafana_foundation_sdk.models import heatmap as hm
+from grafana_foundation_sdk.models import prometheus as pm
+
+from gradflow_agent.alerting.rules import ALERTS, NONFINITE_NEW
+from gradflow_agent.config import Section, load_config
+
+SDK_REQUIREMENT = "grafana-foundation-sdk==1769699379!11.6.0"
+
+UID_OVERVIEW = "gradflow-overview"
+UID_LAYERS = "gradflow-layers"
+UID_LAYER = "gradflow-layer"
+TAG = "gradflow"
+
+DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
+
+# Label matchers from the template variables. `layer` uses `.+` for "All" so that run-wide series (no
+# layer label) never match a per-layer selector.
+RUN_SEL = 'job=~"$job", instance=~"$instance", run=~"$run", rank=~"$rank"'
+LAYER_SEL = RUN_SEL + ', layer=~"$layer"'
+RUN_LEGEND = "{{run}}/{{rank}}"
+ALERT_NAMES = "|".join(a.name for a in ALERTS)
+
+
+class _Panels:
+    """Panel factory: gives each panel a stable id and the conventions every panel must keep."""
+
+    def __init__(self) -> None:
+        self._next_id = 1
+
+    def _id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
+    def row(self, title: str) -> db.Row:
+        return db.Row(title).id(self._id())
+
+    def common(self, panel: Any, title: str, description: str, unit: str, targets: list[prom.Dataquery],
+               span: int, height: int) -> Any:
+        panel = (panel.id(self._id()).title(title).description(description).unit(unit).datasource(DS)
+                 .span(span).height(height))
+        for target in targets:
+            panel = panel.with_target(target)
+        return panel
+
+
+def _query(expr: str, legend: str | None = None, ref: str = "A", *, instant: bool = False,
+           table_format: bool = False) -> prom.Dataquery:
+    q = prom.Dataquery().expr(expr).ref_id(ref).datasource(DS)
+    if legend is not None:
+        q = q.legend_format(legend)
+    if instant:
+        q = q.instant()
+    if table_format:
+        q = q.format(pm.PromQueryFormat.TABLE)
+    return q
+
+
+def _steps(*steps: tuple[float | None, str]) -> db.ThresholdsConfig:
+    return db.ThresholdsConfig().mode(dm.ThresholdsMode.ABSOLUTE).steps(
+        [dm.Threshold(value=value, color=color) for value, color in steps])
+
+
+def _above(limit: float) -> db.ThresholdsConfig:
+    """Green below `limit`, red at or above it (a ratio or pressure that must stay low)."""
+    return _steps((None, "green"), (limit, "red"))
+
+
+def _below(limit: float) -> db.ThresholdsConfig:
+    """Red below `limit`, green at or above it (a quantity that must not fall to zero)."""
+    return _steps((None, "red"), (limit, "green"))
+
+
+def _band(low: float, high: float) -> db.ThresholdsConfig:
+    """Red below `low` and above `high`: the healthy band of gradient pressure."""
+    return _steps((None, "red"), (low, "green"), (high, "red"))
+
+
+def _legend_table() -> cb.VizLegendOptions:
+    return (cb.VizLegendOptions().display_mode(cm.LegendDisplayMode.TABLE).placement(cm.LegendPlacement.RIGHT)
+            .show_legend(True).calcs(["lastNotNull", "max"]))
+
+
+def _ts(p: _Panels, title: str, description: str, unit: str, targets: list[prom.Dataquery], *,
+        thresholds: db.ThresholdsConfig | None = None, log: bool = False, span: int = 12, height: int = 8,
+        min_val: float | None = None, max_val: float | None = None) -> timeseries.Panel:
+    panel = p.common(timeseries.Panel(), title, description, unit, targets, span, height)
+    panel = panel.line_width(1).fill_opacity(10).show_points(cm.VisibilityMode.NEVER).legend(_legend_table())
+    panel = panel.tooltip(cb.VizTooltipOptions().mode(cm.TooltipDisplayMode.MULTI).sort(cm.SortOrder.DESCENDING))
+    if thresholds is not None:
+        panel = panel.thresholds(thresholds).thresholds_style(
+            cb.GraphThresholdsStyleConfig().mode(cm.GraphThresholdsStyleMode.DASHED))
+    if log:
+        panel = panel.scale_distribution(cb.ScaleDistributionConfig().type(cm.ScaleDistribution.LOG).log(10))
+    if min_val is not None:
+        panel = panel.min(min_val)
+    if max_val is not None:
+        panel = panel.max(max_val)
+    return panel
+
+
+def _stat(p: _Panels, title: str, description: str, unit: str, targets: list[prom.Dataquery], *,
+          thresholds: db.ThresholdsConfig | None = None, span: int = 4, height: int = 4,
+          text_mode: cm.BigValueTextMode = cm.BigValueTextMode.AUTO) -> stat.Panel:
+    panel = p.common(stat.Panel(), title, description, unit, targets, span, height)
+    panel = (panel.graph_mode(cm.BigValueGraphMode.AREA).color_mode(cm.BigValueColorMode.VALUE)
+             .text_mode(text_mode)
+             .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False)))
+    return panel.thresholds(thresholds if thresholds is not None else _steps((None, "blue")))
+
+
+def _heatmap(p: _Panels, title: str, description: str, unit: str, expr: str, *, exponential: bool,
+             span: int = 12, height: int = 10) -> heatmap.Panel:
+    """Layers on the y axis (one series per layer, ordinal rows), time on x, the value as colour."""
+    panel = p.common(heatmap.Panel(), title, description, unit, [_query(expr, "{{layer}}")], span, height)
+    color = (heatmap.HeatmapColorOptions().mode(hm.HeatmapColorMode.SCHEME).scheme("Spectral")
+             .scale(hm.HeatmapColorScale.EXPONENTIAL if exponential else hm.HeatmapColorScale.LINEAR)
+             .exponent(0.5).steps(64).reverse(False))
+    return (panel.calculate(False).color(color).cell_values(heatmap.CellValues().unit(unit))
+            .filter_values(heatmap.FilterValueRange())
+            .y_axis(heatmap.YAxisConfig().axis_placement(cm.AxisPlacement.LEFT))
+            .rows_frame(heatmap.RowsHeatmapOptions().layout(cm.HeatmapCellLayout.UNKNOWN).value(title))
+            .show_value(cm.VisibilityMode.NEVER).show_legend())
+
+
+def _depth_profile(p: _Panels, title: str, description: str, unit: str, metric: str,
+                   thresholds: db.ThresholdsConfig, *, log: bool, span: int = 8) -> barchart.Panel:
+    """One bar per layer, in model order (the `index` label of `gradflow_layer_info`)."""
+    expr = (f"max by (layer, index) (\n  {metric}{{{LAYER_SEL}}}\n"
+            f"  * on (job, instance, run, rank, layer) group_left (index)\n"
+            f"  gradflow_layer_info{{{LAYER_SEL}}}\n)")
+    target = _query(expr, "{{layer}}", instant=True, table_format=True)
+    panel = p.common(barchart.Panel(), title, description, unit, [target], span, 9)
+    panel = (panel.with_transformation(dm.DataTransformerConfig(id_val="convertFieldType", options={
+                "conversions": [{"targetField": "index", "destinationType": "number"}], "fields": {}}))
+             .with_transformation(dm.DataTransformerConfig(id_val="sortBy", options={
+                 "fields": {}, "sort": [{"field": "index", "desc": False}]}))
+             .with_transformation(dm.DataTransformerConfig(id_val="organize", options={
+                 "excludeByName": {"Time": True, "index": True}, "indexByName": {}, "renameByName": {}}))
+             .x_field("layer").x_tick_label_rotation(-45).x_tick_label_max_length(24)
+             .show_value(cm.VisibilityMode.NEVER).thresholds(thresholds)
+             .color_scheme(db.FieldColor().mode(dm.FieldColorModeId.THRESHOLDS))
+             .legend(cb.VizLegendOptions().show_legend(False).display_mode(cm.LegendDisplayMode.LIST)
+                     .placement(cm.LegendPlacement.BOTTOM)))
+    if log:
+        panel = panel.scale_distribution(cb.ScaleDistributionConfig().type(cm.ScaleDistribution.LOG).log(10))
+    return panel
+
+
+def _variables(layer_multi: bool, run_multi: bool) -> list[Any]:
+    def query_var(name: str, label: str, query: str, description: str, multi: bool,
+                  all_value: str = ".*") -> db.QueryVariable:
+        var = (db.QueryVariable(name).label(label).description(description).datasource(DS)
+               .query({"query": query, "refId": f"gradflow-{name}", "qryType": 1})
+               .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(dm.VariableSort.NATURAL_ASC))
+        if multi:
+            var = var.multi(True).include_all(True).all_value(all_value)
+        return var
+
+    layer_desc = ("Layers (module qualified names) to show." if layer_multi
+                  else "The layer to drill into (a module qualified name).")
+    return [
+        db.DatasourceVariable("datasource").label("Data source").type("prometheus")
+        .description("The Prometheus that scrapes the gradflow agents."),
+        query_var("job", "Job", "label_values(gradflow_steps_total, job)",
+                  "Prometheus scrape job of the agents.", True),
+        query_var("run", "Run", 'label_values(gradflow_steps_total{job=~"$job"}, run)',
+                  "Training run (`run.name` in the agent config).", run_multi),
+        query_var("rank", "Rank", 'label_values(gradflow_steps_total{job=~"$job", run=~"$run"}, rank)',
+                  "Distributed rank (one agent per rank).", run_multi),
+        query_var("instance", "Instance",
+                  'label_values(gradflow_steps_total{job=~"$job", run=~"$run", rank=~"$rank"}, instance)',
+                  "Scrape target of the agent.", True),
+        query_var("layer", "Layer", f"label_values(gradflow_layer_info{{{RUN_SEL}}}, layer)", layer_desc,
+                  layer_multi, all_value=".+"),
+    ]
+
+
+def _base(uid: str, title: str, description: str, *, layer_multi: bool, run_multi: bool) -> db.Dashboard:
+    dash = (db.Dashboard(title).uid(uid).description(description).tags([TAG]).editable()
+            .refresh("30s").time("now-1h", "now").timezone("browser")
+            .tooltip(dm.DashboardCursorSync.CROSSHAIR)
+            .link(db.DashboardLink("gradflow dashboards").type(dm.DashboardLinkType.DASHBOARDS).tags([TAG])
+                  .as_dropdown(True).include_vars(True).keep_time(True)))
+    for var in _variables(layer_multi, run_multi):
+        dash = dash.with_variable(var)
+    return dash
+
+
+def _layer_link() -> db.DashboardLink:
+    return (db.DashboardLink("Open layer ${__field.labels.layer}").type(dm.DashboardLinkType.LINK).url(
+        f"/d/{UID_LAYER}/?${{__url_time_range}}&${{datasource:queryparam}}&var-job=${{__field.labels.job}}"
+        "&var-run=${__field.labels.run}&var-rank=${__field.labels.rank}"
+        "&var-instance=${__field.labels.instance}&var-layer=${__field.labels.layer}"))
+
+
+def overview(th: Section) -> db.Dashboard:
+    """Runs at a glance: progress, loss, global gradient norm, alerts, worst layers, agent cost."""
+    p = _Panels()
+    d = _base(UID_OVERVIEW, "gradflow / Overview",
+              "Training runs instrumented by gradflow-agent: progress, loss, gradient norm, firing "
+              "alerts, the least healthy layers and what the agent itself costs.",
+              layer_multi=True, run_multi=True)
+
+    d = d.with_row(p.row("Runs"))
+    d = d.with_panel(_stat(p, "Runs reporting",
+                           "Number of (run, rank) agents whose metrics Prometheus scrapes now.", "none",
+                           [_query(f"count(max by (job, instance, run, rank) (gradflow_steps_total{{{RUN_SEL}}}))",
+                                   instant=True)]))
+    d = d.with_panel(_stat(p, "Optimizer steps",
+                           "Optimizer steps taken so far (gradflow_steps_total), summed over the selected "
+                           "runs and ranks.", "none",
+                           [_query(f"sum(gradflow_steps_total{{{RUN_SEL}}})", instant=True)]))
+    d = d.with_panel(_stat(p, "Steps per second",
+                           "Training throughput: optimizer steps per second, summed over the selected "
+                           "runs and ranks.", "suffix: steps/s",
+                           [_query(f"sum(rate(gradflow_steps_total{{{RUN_SEL}}}[$__rate_interval]))")]))
+    d = d.with_panel(_stat(p, "Issues flagged",
+                           "Layers the in-process detector flags now (gradflow_issue), all kinds together. "
+                           "Same thresholds as the alert rules, but without their `for:` delay.", "none",
+                           [_query(f"count(gradflow_issue{{{RUN_SEL}}}) or vector(0)", instant=True)],
+                           thresholds=_above(1)))
+    d = d.with_panel(_stat(p, "Non-finite values (5m)",
+                           "NaN/Inf elements seen in gradients, activations and parameters in the last 5 "
+                           f"minutes (recording rule {NONFINITE_NEW}; any value fires NonFiniteValues).",
+                           "none",
+                           [_query(f"sum({NONFINITE_NEW}{{{RUN_SEL}}}) or vector(0)", instant=True)],
+                           thresholds=_above(1)))
+    d = d.with_panel(_stat(p, "Firing gradflow alerts",
+                           "gradflow alerts firing now in this Prometheus (ALERTS series).", "none",
+                           [_query(f'count(ALERTS{{alertstate="firing", alertname=~"{ALERT_NAMES}", '
+                                   f'job=~"$job", run=~"$run"}}) or vector(0)', instant=True)],
+                           thresholds=_above(1)))
+
+    d = d.with_panel(_ts(p, "Steps per second",
+                         "Optimizer steps per second for each run and rank; a drop to zero while the agent "
+                         "is up means the training loop hangs.", "suffix: steps/s",
+                         [_query(f"sum by (run, rank) (rate(gradflow_steps_total{{{RUN_SEL}}}[$__rate_interval]))",
+                                 RUN_LEGEND)], span=8))
+    d = d.with_panel(_ts(p, "Loss",
+                         "Training loss as reported to agent.step(loss=...); gaps mean NaN (see the "
+                         "NonFiniteValues alert).", "none",
+                         [_query(f"gradflow_loss{{{RUN_SEL}}}", RUN_LEGEND)], span=8))
+    d = d.with_panel(_ts(p, "Global gradient norm",
+                         "L2 norm of the whole model's gradient at the last step (log scale). The dashed "
+                         "line is the per-layer exploding threshold.", "none",
+                         [_query(f"gradflow_grad_norm{{{RUN_SEL}}}", RUN_LEGEND)],
+                         thresholds=_above(th.exploding), log=True, span=8))
+
+    d = d.with_row(p.row("Health"))
+    alerts_table = p.common(
+        table.Panel(), "Firing alerts",
+        "gradflow alerts firing now, one row per alert and layer. The runbook of each alert is linked "
+        "from its runbook_url annotation in Alertmanager.", "none",
+        [_query(f'ALERTS{{alertstate="firing", alertname=~"{ALERT_NAMES}", job=~"$job", run=~"$run"}}',
+                instant=True, table_format=True)], 12, 8)
+    alerts_table = alerts_table.with_transformation(dm.DataTransformerConfig(id_val="organize", options={
+        "excludeByName": {"Time": True, "Value": True, "__name__": True, "alertstate": True},
+        "indexByName": {"alertname": 0, "severity": 1, "run": 2, "rank": 3, "layer": 4, "tensor": 5},
+        "renameByName": {}}))
+    d = d.with_panel(alerts_table)
+    worst = p.common(
+        bargauge.Panel(), "Worst layers by health score",
+        "The ten least healthy layers (gradflow_layer_health_score, 0 = broken, 100 = healthy). Click a "
+        "bar to open the layer drill-down.", "none",
+        [_query(f"bottomk(10, min by (job, instance, run, rank, layer) "
+                f"(gradflow_layer_health_score{{{LAYER_SEL}}}))",
+                "{{layer}} ({{run}}/{{rank}})", instant=True)], 12, 8)
+    worst = (worst.display_mode(cm.BarGaugeDisplayMode.GRADIENT).orientation(cm.VizOrientation.HORIZONTAL)
+             .min(0).max(100).thresholds(_steps((None, "red"), (50, "orange"), (80, "green")))
+             .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+             .data_links([_layer_link()]))
+    d = d.with_panel(worst)
+    d = d.with_panel(_ts(p, "Issues by kind",
+                         "Layers flagged by the in-process detector over time, by issue kind "
+                         "(vanishing, exploding, dead, nonfinite, unstable, saturated, stalled).", "none",
+                         [_query(f"count by (kind) (gradflow_issue{{{RUN_SEL}}})", "{{kind}}")], span=12))
+    d = d.with_panel(_ts(p, "Alerts over time",
+                         "Firing gradflow alerts by name over time.", "none",
+                         [_query(f'count by (alertname) (ALERTS{{alertstate="firing", '
+                                 f'alertname=~"{ALERT_NAMES}", job=~"$job", run=~"$run"}})',
+                                 "{{alertname}}")], span=12))
+
+    d = d.with_row(p.row("Agent"))
+    d = d.with_panel(_ts(p, "Agent overhead",
+                         "Share of wall-clock time the training process spends inside the agent (hooks, "
+                         "reductions, snapshots): seconds of agent work per second.", "percentunit",
+                         [_query(f"sum by (run, rank) (rate(gradflow_agent_overhead_seconds_total"
+                                 f"{{{RUN_SEL}}}[$__rate_interval]))", RUN_LEGEND)], span=8, min_val=0))
+    d = d.with_panel(_ts(p, "Agent errors",
+                         "Errors the agent caught and survived, by component (an exporter that cannot "
+                         "push, a hook that failed). Non-zero means some statistics may be missing.",
+                         "short",
+                         [_query(f"sum by (run, rank, component) (increase(gradflow_agent_errors_total"
+                                 f"{{{RUN_SEL}}}[$__rate_interval]))", "{{component}} " + RUN_LEGEND)],
+                         span=8, min_val=0))
+    d = d.with_panel(_ts(p, "Snapshot age",
+                         "Seconds since the agent last published a snapshot. It grows when the training "
+                         "loop stops stepping (a hang, a long evaluation) while the process is alive.", "s",
+                         [_query(f"time() - max by (run, rank) (gradflow_last_snapshot_timestamp_seconds"
+                                 f"{{{RUN_SEL}}})", RUN_LEGEND)], span=8, min_val=0))
+    agents = p.common(
+        table.Panel(), "Agents", "One row per agent: version, device and scrape target (gradflow_agent_info).",
+        "none", [_query(f"gradflow_agent_info{{{RUN_SEL}}}", instant=True, table_format=True)], 24, 6)
+    agents = agents.with_transformation(dm.DataTransformerConfig(id_val="organize", options={
+        "excludeByName": {"Time": True, "Value": True, "__name__": True}, "indexByName": {},
+        "renameByName": {}}))
+    return d.with_panel(agents)
+
+
+def layers(th: Section) -> db.Dashboard:
+    """Every layer of one run at once: heatmaps over time and depth profiles (model order)."""
+    p = _Panels()
+    d = _base(UID_LAYERS, "gradflow / Layers",
+              "Per-layer gradient and activation statistics of one run and rank: heatmaps of each "
+              "statistic by layer over time and depth profiles in model order.",
+              layer_multi=True, run_multi=False)
+
+    d = d.with_row(p.row("Layers over time"))
+    d = d.with_panel(_heatmap(
+        p, "Gradient pressure by layer",
+        "Mean per-step L2 norm of each layer's parameter gradient (gradflow_grad_pressure). Alerts: "
+        f"below {th.vanishing:g} vanishing, above {th.exploding:g} exploding.", "none",
+        f"max by (layer) (gradflow_grad_pressure{{{LAYER_SEL}}})", exponential=True))
+    d = d.with_panel(_heatmap(
+        p, "Activation zero ratio by layer",
+        "Fraction of exactly-zero outputs of each layer (gradflow_activation_zero_ratio). On ReLU-family "
+        f"layers, above {th.dead_ratio:g} fires DeadNeurons.", "percentunit",
+        f"max by (layer) (gradflow_activation_zero_ratio{{{LAYER_SEL}}})", exponential=False))
+    d = d.with_panel(_heatmap(
+        p, "Activation saturation by layer",
+        "Fraction of the outputs of bounded activations (tanh, sigmoid, softmax...) sitting at their "
+        f"bounds (gradflow_activation_saturation_ratio); above {th.saturation_ratio:g} fires "
+        "ActivationSaturation.", "percentunit",
+        f"max by (layer) (gradflow_activation_saturation_ratio{{{LAYER_SEL}}})", exponential=False))
+    d = d.with_panel(_heatmap(
+        p, "Update ratio by layer",
+        "Update-to-weight ratio ||dw||/||w|| per optimizer step (gradflow_update_ratio); healthy training "
+        f"is often near 1e-3, below {th.stalled_update_ratio:g} fires TrainingStalled.", "none",
+        f"max by (layer) (gradflow_update_ratio{{{LAYER_SEL}}})", exponential=True))
+
+    d = d.with_row(p.row("Depth profile (model order)"))
+    d = d.with_panel(_depth_profile(
+        p, "Gradient pressure by depth",
+        "Gradient pressure of each layer now, in model order (log scale): vanishing gradients shrink "
+        "towards the input, exploding ones grow. Red: outside the alert thresholds.", "none",
+        "gradflow_grad_pressure", _band(th.vanishing, th.exploding), log=True))
+    d = d.with_panel(_depth_profile(
+        p, "Update ratio by depth",
+        "Update-to-weight ratio of each layer now, in model order (log scale). Red: below the stalled "
+        "threshold.", "none", "gradflow_update_ratio", _below(th.stalled_update_ratio), log=True))
+    d = d.with_panel(_depth_profile(
+        p, "Health score by depth",
+        "Health score (0-100) of each layer now, in model order.", "none",
+        "gradflow_layer_health_score", _steps((None, "red"), (50, "orange"), (80, "green")), log=False))
+
+    d = d.with_row(p.row("Stability"))
+    d = d.with_panel(_ts(p, "Gradient turbulence",
+                         "Coefficient of variation of each layer's gradient pressure over the window "
+                         "(gradflow_grad_turbulence); the dashed line is the GradientUnstable threshold.",
+                         "none", [_query(f"max by (layer) (gradflow_grad_turbulence{{{LAYER_SEL}}})",
+                                         "{{layer}}")], thresholds=_above(th.unstable_cv)))
+    d = d.with_panel(_ts(p, "Dead unit ratio",
+                         "Fraction of ReLU-family units that never fired over the window "
+                         "(gradflow_activation_dead_unit_ratio); the dashed line is the DeadNeurons "
+                         "threshold.", "percentunit",
+                         [_query(f"max by (layer) (gradflow_activation_dead_unit_ratio{{{LAYER_SEL}}})",
+                                 "{{layer}}")], thresholds=_above(th.dead_unit_ratio), min_val=0, max_val=1))
+    issues = p.common(
+        statetimeline.Panel(), "Detector issues by layer",
+        "When the in-process detector flagged each layer, by issue kind (gradflow_issue).", "none",
+        [_query(f"max by (layer, kind) (gradflow_issue{{{LAYER_SEL}}})", "{{layer}} {{kind}}")], 24, 8)
+    issues = (issues.show_value(cm.VisibilityMode.NEVER).merge_values(True).fill_opacity(80)
+              .thresholds(_steps((None, "transparent"), (1, "red")))
+              .color_scheme(db.FieldColor().mode(dm.FieldColorModeId.THRESHOLDS)))
+    return d.with_panel(issues)
+
+
+def layer(th: Section) -> db.Dashboard:
+    """One layer in depth: every statistic the agent exports for it, with the alert thresholds."""
+    p = _Panels()
+    d = _base(UID_LAYER, "gradflow / Layer",
+              "Every statistic gradflow-agent exports for one layer of one run and rank, with the alert "
+              "thresholds drawn as dashed lines.", layer_multi=False, run_multi=False)
+
+    d = d.with_row(p.row("Layer"))
+    d = d.with_panel(_stat(p, "Health score",
+                           "Health score of the layer, 0 (broken) to 100 (healthy).", "none",
+                           [_query(f"min(gradflow_layer_health_score{{{LAYER_SEL}}})", instant=True)],
+                           thresholds=_steps((None, "red"), (50, "orange"), (80, "green")), span=6))
+    d = d.with_panel(_stat(p, "Layer type and depth",
+                           "Module class and position in model order (gradflow_layer_info).", "none",
+                           [_query(f"gradflow_layer_info{{{LAYER_SEL}}}", "{{layer_type}} #{{index}}",
+                                   instant=True)], text_mode=cm.BigValueTextMode.NAME, span=6))
+    d = d.with_panel(_stat(p, "Non-finite values (5m)",
+                           "NaN/Inf elements seen in this layer's tensors in the last 5 minutes.", "none",
+                           [_query(f"sum({NONFINITE_NEW}{{{LAYER_SEL}}}) or vector(0)", instant=True)],
+                           thresholds=_above(1), span=6))
+    d = d.with_panel(_stat(p, "Firing alerts",
+                           "gradflow alerts firing on this layer now.", "none",
+                           [_query(f'count(ALERTS{{alertstate="firing", alertname=~"{ALERT_NAMES}", '
+                                   f'{LAYER_SEL}}}) or vector(0)', instant=True)],
+                           thresholds=_above(1), span=6))
+
+    d = d.with_row(p.row("Gradient"))
+    d = d.with_panel(_ts(p, "Gradient pressure",
+                         "Mean and maximum per-step L2 norm of the layer's parameter gradient over each "
+                         "export interval (log scale). Dashed: the vanishing and exploding thresholds.",
+                         "none",
+                         [_query(f"gradflow_grad_pressure{{{LAYER_SEL}}}", "mean " + RUN_LEGEND),
+                          _query(f"gradflow_grad_pressure_max{{{LAYER_SEL}}}", "max " + RUN_LEGEND, "B")],
+                         thresholds=_band(th.vanishing, th.exploding), log=True))
+    d = d.with_panel(_ts(p, "Gradient turbulence",
+                         "Coefficient of variation of the pressure over the window; dashed: the "
+                         "GradientUnstable threshold.", "none",
+                         [_query(f"gradflow_grad_turbulence{{{LAYER_SEL}}}", RUN_LEGEND)],
+                         thresholds=_above(th.unstable_cv), min_val=0))
+    d = d.with_panel(_ts(p, "Gradient velocity",
+                         "Relative change of the interval pressure against the previous interval.",
+                         "percentunit", [_query(f"gradflow_grad_velocity{{{LAYER_SEL}}}", RUN_LEGEND)]))
+    d = d.with_panel(_ts(p, "Gradient zero ratio",
+                         "Fraction of exactly-zero gradient elements.", "percentunit",
+                         [_query(f"gradflow_grad_zero_ratio{{{LAYER_SEL}}}", RUN_LEGEND)], min_val=0, max_val=1))
+
+    d = d.with_row(p.row("Activations"))
+    d = d.with_panel(_ts(p, "Activation statistics",
+                         "Mean, standard deviation and largest absolute value of the layer's output.",
+                         "none",
+                         [_query(f"gradflow_activation_mean{{{LAYER_SEL}}}", "mean " + RUN_LEGEND),
+                          _query(f"gradflow_activation_std{{{LAYER_SEL}}}", "std " + RUN_LEGEND, "B"),
+                          _query(f"gradflow_activation_absmax{{{LAYER_SEL}}}", "absmax " + RUN_LEGEND, "C")]))
+    d = d.with_panel(_ts(p, "Zero and dead-unit ratios",
+                         "Fraction of zero outputs and (ReLU family only) of units that never fired over "
+                         "the window. Dashed: the DeadNeurons dead-unit threshold.", "percentunit",
+                         [_query(f"gradflow_activation_zero_ratio{{{LAYER_SEL}}}", "zero " + RUN_LEGEND),
+                          _query(f"gradflow_activation_dead_unit_ratio{{{LAYER_SEL}}}", "dead units " + RUN_LEGEND,
+                                 "B")],
+                         thresholds=_above(th.dead_unit_ratio), min_val=0, max_val=1))
+    d = d.with_panel(_ts(p, "Saturation ratio",
+                         "Fraction of outputs at the bounds of a bounded activation (tanh, sigmoid, "
+                         "softmax...). Dashed: the ActivationSaturation threshold.", "percentunit",
+                         [_query(f"gradflow_activation_saturation_ratio{{{LAYER_SEL}}}", RUN_LEGEND)],
+                         thresholds=_above(th.saturation_ratio), min_val=0, max_val=1))
+    d = d.with_panel(_ts(p, "Non-finite values",
+                         "NaN/Inf elements counted per interval, by tensor (grad, activation, param).",
+                         "short",
+                         [_query(f"sum by (tensor) (increase(gradflow_nonfinite_total{{{LAYER_SEL}}}"
+                                 f"[$__rate_interval]))", "{{tensor}}")], min_val=0))
+
+    d = d.with_row(p.row("Parameters"))
+    d = d.with_panel(_ts(p, "Parameter norm",
+                         "L2 norm of the layer's parameters.", "none",
+                         [_query(f"gradflow_param_norm{{{LAYER_SEL}}}", RUN_LEGEND)]))
+    d = d.with_panel(_ts(p, "Update ratio",
+                         "||dw||/||w|| per optimizer step (log scale); dashed: the TrainingStalled "
+                         "threshold.", "none",
+                         [_query(f"gradflow_update_ratio{{{LAYER_SEL}}}", RUN_LEGEND)],
+                         thresholds=_below(th.stalled_update_ratio), log=True))
+    issues = p.common(
+        statetimeline.Panel(), "Detector issues",
+        "When the in-process detector flagged this layer, by issue kind (gradflow_issue).", "none",
+        [_query(f"max by (kind) (gradflow_issue{{{LAYER_SEL}}})", "{{kind}}")], 24, 5)
+    issues = (issues.show_value(cm.VisibilityMode.NEVER).merge_values(True).fill_opacity(80)
+              .thresholds(_steps((None, "transparent"), (1, "red")))
+              .color_scheme(db.FieldColor().mode(dm.FieldColorModeId.THRESHOLDS)))
+    return d.with_panel(issues)
+
+
+#: File name under grafana/dashboards/ -> builder.
+DASHBOARDS = {
+    "gradflow-overview.json": overview,
+    "gradflow-layers.json": layers,
+    "gradflow-layer.json": layer,
+}
+
+
+def build_dashboards(config: Section | Mapping[str, Any] | str | os.PathLike | None = None
+                     ) -> dict[str, dm.Dashboard]:
+    """File name -> dashboard model, with thresholds from `config`'s `thresholds:` section."""
+    cfg = config if isinstance(config, Section) else load_config(config)
+    return {name: build(cfg.thresholds).build() for name, build in DASHBOARDS.items()}
+
+
+def to_json(dashboard: dm.Dashboard) -> str:
+    """Canonical JSON text of a dashboard model (sorted keys, so diffs stay small)."""
+    return json.dumps(dashboard, cls=JSONEncoder, indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,176 @@
+"""The generated alert rules: in step with the config, valid for promtool, unit-tested, conventional."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gradflow_agent.alerting import cli
+from gradflow_agent.alerting.rules import ALERTS, LAYER_LABELS, build_rule_groups, render_k8s, render_prometheus
+from gradflow_agent.config import load_config
+from gradflow_agent.export.metrics import ALL as EXPORTED
+from tests.support.prometheus import require_binary
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "deploy/prometheus/rules/gradflow-alerts.yml"
+PROMETHEUS_RULE = ROOT / "deploy/k8s/prometheusrule.yaml"
+UNIT_TESTS = ROOT / "deploy/prometheus/tests"
+RUNBOOKS = ROOT / "docs/runbooks"
+DESIGN_ALERTS = {"GradientVanishing", "GradientExploding", "DeadNeurons", "NonFiniteValues", "GradientUnstable",
+                 "ActivationSaturation", "TrainingStalled", "GradflowAgentDown"}
+
+
+def _default_cfg():
+    return load_config(ROOT / "config/default.yaml", environ={})
+
+
+def _rules(groups: list[dict]) -> list[dict]:
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def _promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    promtool = require_binary("promtool", "prometheus")
+    return subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def test_checked_in_rules_are_the_output_for_the_default_config() -> None:
+    expected = render_prometheus(build_rule_groups(_default_cfg()), "config/default.yaml")
+    assert RULES.read_text(encoding="utf-8") == expected, (
+        "deploy/prometheus/rules/gradflow-alerts.yml is stale: run "
+        "`gradflow-agent rules --config config/default.yaml -o deploy/prometheus/rules/gradflow-alerts.yml`")
+
+
+def test_checked_in_prometheusrule_is_the_output_for_the_default_config() -> None:
+    expected = render_k8s(build_rule_groups(_default_cfg()), "config/default.yaml")
+    assert PROMETHEUS_RULE.read_text(encoding="utf-8") == expected, (
+        "deploy/k8s/prometheusrule.yaml is stale: run `gradflow-agent rules --config config/default.yaml "
+        "--format k8s -o deploy/k8s/prometheusrule.yaml`")
+    resource = yaml.safe_load(expected)
+    assert resource["spec"]["groups"] == yaml.safe_load(RULES.read_text(encoding="utf-8"))["groups"]
+
+
+def test_promtool_checks_the_rule_file_and_the_prometheusrule_groups(tmp_path: Path) -> None:
+    groups = yaml.safe_load(PROMETHEUS_RULE.read_text(encoding="utf-8"))["spec"]
+    extracted = tmp_path / "prometheusrule-groups.yml"
+    extracted.write_text(yaml.safe_dump(groups), encoding="utf-8")
+    result = _promtool("check", "rules", str(RULES), str(extracted))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("SUCCESS: 10 rules found") == 2, result.stdout
+
+
+def test_promtool_unit_tests_pass() -> None:
+    files = sorted(UNIT_TESTS.glob("*.test.yml"))
+    assert files
+    result = _promtool("test", "rules", *(f.name for f in files), cwd=UNIT_TESTS)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_unit_tests_cover_every_alert_firing_and_quiet() -> None:
+    """For every alert: an evaluation where it fires and one (earlier, inside `for:`) where it does not."""
+    firing, quiet = set(), set()
+    for path in UNIT_TESTS.glob("*.test.yml"):
+        for test in yaml.safe_load(path.read_text(encoding="utf-8"))["tests"]:
+            for case in test.get("alert_rule_test", []):
+                (firing if case["exp_alerts"] else quiet).add(case["alertname"])
+    assert firing == DESIGN_ALERTS and quiet == DESIGN_ALERTS, (firing, quiet)
+
+
+def test_alert_names_and_labels_follow_the_contract() -> None:
+    rules = _rules(build_rule_groups(_default_cfg()))
+    alerts = [r for r in rules if "alert" in r]
+    assert {r["alert"] for r in alerts} == DESIGN_ALERTS == {a.name for a in ALERTS}
+    for rule in alerts:
+        assert re.fullmatch(r"[A-Z][a-z]+(?:[A-Z][a-z]+)+", rule["alert"]), rule["alert"]  # UpperCamelCase
+        assert rule["labels"]["severity"] in ("critical", "warning", "info")
+        assert set(rule["annotations"]) == {"summary", "description", "runbook_url"}
+        runbook = RUNBOOKS / f"{rule['alert']}.md"
+        assert rule["annotations"]["runbook_url"].endswith(f"/docs/runbooks/{rule['alert']}.md")
+        assert runbook.is_file(), f"missing runbook {runbook}"
+        if rule["alert"] != "GradflowAgentDown":
+            assert "$labels.layer" in rule["annotations"]["description"]
+            assert "$value" in rule["annotations"]["description"]
+    for rule in rules:
+        if "record" in rule:
+            assert re.fullmatch(r"[a-z_]+:gradflow_[a-z_]+:[a-z0-9_]+", rule["record"]), rule["record"]
+
+
+def test_per_layer_alerts_aggregate_by_the_five_identity_labels() -> None:
+    """Every aggregation keeps job, instance, run, rank and layer (an explicit `by`, never `without`)."""
+    for rule in _rules(build_rule_groups(_default_cfg())):
+        expr = rule["expr"]
+        assert " without " not in expr
+        if rule.get("alert") in (None, "GradflowAgentDown"):
+            continue
+        groupings = re.findall(r"\b(?:max|min|sum)\s+by\s*\(([^)]*)\)", expr)
+        joins = re.findall(r"\bon\s*\(([^)]*)\)", expr)
+        assert groupings or joins, rule["alert"]
+        for labels in groupings:
+            assert [x.strip() for x in labels.split(",")] == list(LAYER_LABELS), (rule["alert"], labels)
+
+
+def test_rules_read_only_metrics_the_agent_exports() -> None:
+    exported = {m.name for m in EXPORTED}
+    recorded = {r["record"] for r in _rules(build_rule_groups(_default_cfg())) if "record" in r}
+    for rule in _rules(build_rule_groups(_default_cfg())):
+        for name in re.findall(r"\b(gradflow_[a-z_]+|[a-z_]+:gradflow_[a-z_]+:[a-z0-9_]+)\b", rule["expr"]):
+            assert name in exported or name in recorded, f"{rule.get('alert') or rule['record']}: {name}"
+
+
+def test_thresholds_come_from_the_config(tmp_path: Path) -> None:
+    custom = {"thresholds": {"warmup_steps": 123, "vanishing": 2.5e-5, "exploding": 77.0, "dead_ratio": 0.8,
+                             "dead_unit_ratio": 0.6, "unstable_cv": 4.5, "saturation_ratio": 0.7,
+                             "stalled_update_ratio": 3e-9}}
+    rules = {r.get("alert") or r["record"]: r["expr"] for r in _rules(build_rule_groups(load_config(custom, {})))}
+    assert "> 123" in rules["run_rank:gradflow_steps_total:past_warmup"]
+    assert "< 2.5e-05" in rules["GradientVanishing"]
+    assert "> 77\n" in rules["GradientExploding"]
+    assert "> 0.6\n" in rules["DeadNeurons"] and "> 0.8\n" in rules["DeadNeurons"]
+    assert "> 4.5\n" in rules["GradientUnstable"]
+    assert "> 0.7\n" in rules["ActivationSaturation"]
+    assert "< 3e-09\n" in rules["TrainingStalled"]
+    path = tmp_path / "custom.yml"
+    path.write_text(render_prometheus(build_rule_groups(load_config(custom, {}))), encoding="utf-8")
+    result = _promtool("check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cli_writes_checks_and_rejects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    for name in [k for k in os.environ if k.startswith("GRADFLOW_")]:
+        monkeypatch.delenv(name)
+    config = tmp_path / "gradflow.yaml"
+    config.write_text("thresholds:\n  exploding: 42\n", encoding="utf-8")
+    out = tmp_path / "rules.yml"
+    assert cli.main(["--config", str(config), "-o", str(out)]) == 0
+    assert "> 42\n" in out.read_text(encoding="utf-8")
+    assert cli.main(["--config", str(config), "-o", str(out), "--check"]) == 0
+    assert cli.main(["-o", str(out), "--check"]) == 1  # defaults differ from the file
+    k8s = tmp_path / "rule.yaml"
+    assert cli.main(["--config", str(config), "--format", "k8s", "--namespace", "ml", "-o", str(k8s)]) == 0
+    resource = yaml.safe_load(k8s.read_text(encoding="utf-8"))
+    assert resource["kind"] == "PrometheusRule" and resource["metadata"]["namespace"] == "ml"
+    assert cli.main(["--alert-absent", "--job-regex", "trainers"]) == 0
+    stdout = capsys.readouterr().out
+    assert 'absent(up{job=~"trainers"})' in stdout
+    config.write_text("thresholds:\n  exploding: -1\n", encoding="utf-8")
+    assert cli.main(["--config", str(config)]) == 2
+    assert "thresholds.exploding" in capsys.readouterr().err
+
+
+def test_runbooks_cover_meaning_confirmation_causes_and_fixes() -> None:
+    topics = ("initialisation", "normalisation", "residual", "learning rate", "data bug", "clipping",
+              "gradient_scale")
+    text = ""
+    for alert in DESIGN_ALERTS:
+        body = (RUNBOOKS / f"{alert}.md").read_text(encoding="utf-8")
+        assert body.startswith(f"# {alert}\n")
+        for heading in ("## What it means", "## Confirm", "## Usual causes and fixes"):
+            assert heading in body, f"{alert}.md lacks {heading!r}"
+        text += body.lower()
+    missing = [t for t in topics if t.lower() not in text]
+    assert not missing, missing
