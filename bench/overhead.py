@@ -3,7 +3,10 @@
 Two identical copies of each workload train in one process, one with the agent attached; blocks of
 steps alternate between them (A B A B ...) so that machine noise hits both alike. Each round gives the
 ratio of the two blocks' median step times; the table shows the median ratio and its min-max over the
-rounds. Run on one thread, like the reference figures in the README:
+rounds. Step time is the process's CPU time (`time.process_time`, which also counts the agent's own
+threads): on a shared machine it is far less disturbed by other processes than wall time, and with
+one thread it equals the wall time of an otherwise idle machine. `--clock wall` uses wall time.
+Run on one thread, like the reference figures in the README:
 
     python bench/overhead.py                       # all workloads, default config and "every statistic"
     python bench/overhead.py --workloads tiny --rounds 30
@@ -93,12 +96,15 @@ def _step(model, opt, batch, agent=None) -> None:
         agent.step(loss=loss)
 
 
+CLOCK = time.process_time
+
+
 def _block(model, opt, batch, steps, agent=None) -> float:
     times = []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         _step(model, opt, batch, agent)
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
     return statistics.median(times)
 
 
@@ -132,10 +138,13 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--rounds", type=int, default=0, help="rounds per workload (0 = by workload size)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     plan = {"transformer": (8, 3), "mlp": (10, 4), "cnn": (10, 4), "tiny": (30, 50)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), gradflow_agent "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.clock} clock, gradflow_agent "
           f"{gradflow_agent.__version__}")
     print(f"{'workload':<12} {'config':<8} {'step (ms)':>10} {'ratio':>7}  {'min-max':>13}")
     for name in args.workloads:

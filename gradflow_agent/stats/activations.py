@@ -30,6 +30,7 @@ from .kinds import OutputKind
 # saturated and non-finite counts of the view. Then min and max of the view (folded into absmax).
 COLS = ("sum", "view_sum", "view_sumsq", "view_nonzero", "view_saturated", "nonfinite", "view_nonfinite")
 N_COLS = len(COLS)
+_WIDE = (torch.float16, torch.bfloat16)
 
 
 def strided_view(y: torch.Tensor, limit: int, keep: set[int]) -> torch.Tensor:
@@ -64,16 +65,15 @@ class ActivationStats:
         self.acc = torch.zeros(n, N_COLS, dtype=torch.float64, device=device)
         self.absmax = torch.zeros(n, dtype=torch.float32, device=device)
         self._host_rows = [[0.0] * (N_COLS + 1) for _ in range(n)]  # CPU: N_COLS sums + absmax
-        self.numel = np.zeros(n)  # elements seen (whole outputs)
-        self.view_numel = np.zeros(n)  # elements in the reduced views
-        self.sat_den = np.zeros(n)  # saturation denominator (elements, or rows for softmax)
-        self.calls = np.zeros(n, dtype=np.int64)
+        # per layer, host counts: elements seen, elements in the reduced views, saturation denominator
+        # (elements, or rows for softmax), calls. Plain lists: the cheapest thing to add to in a hook.
+        self._counts = [[0, 0, 0, 0] for _ in range(n)]
+        self._plans: list[tuple | None] = [None] * n
         self._zero = torch.zeros((), dtype=torch.float32, device=device)
         self._pending: list[torch.Tensor] = []
         self._pending_idx: list[int] = []
         self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
         # dead units: per ReLU-family layer, the max output of each unit over the current window
-        self._unit_dim: dict[int, int | None] = {}
         self._unit_max: dict[int, torch.Tensor] = {}
         self._unit_steps = 0
         self._dead_ratio = np.full(n, np.nan)
@@ -83,19 +83,19 @@ class ActivationStats:
     # -- hot path -------------------------------------------------------------------------------------
     def observe(self, i: int, y: torch.Tensor, channels_first: bool = False) -> None:
         """Reduce one output of layer `i` (called from its forward hook)."""
-        if not y.is_floating_point() or y.numel() == 0:
+        n = y.numel()
+        if n == 0 or not y.is_floating_point():
             return
+        plan = self._plans[i]
+        if plan is None or plan[0] != y.ndim:
+            plan = self._plan(i, y, channels_first)
+        _, keep, unit_reduce, kind = plan
         y = y.detach()
-        kind = self.kinds[i]
-        unit_dim = self._unit_dims(i, y, channels_first) if kind.relu_family else None
-        keep = {y.ndim - 1}
-        if unit_dim is not None:
-            keep.add(unit_dim)
-        if kind.softmax_dim is not None and y.ndim:
-            keep.add(kind.softmax_dim % y.ndim)
-        view = strided_view(y, self.sample_elements, keep)
-        wide = y.dtype in (torch.float16, torch.bfloat16)
+        view = y if n <= self.sample_elements or not self.sample_elements else strided_view(
+            y, self.sample_elements, keep)
+        counts = self._counts[i]
         if self.on_host and not self.robust:
+            wide = y.dtype in _WIDE
             total = (torch.sum(y, dtype=torch.float32) if wide else torch.sum(y)).item()
             if math.isfinite(total):
                 vals = self._reduce_plain(y, None if view is y else view, kind, wide, total)
@@ -109,15 +109,36 @@ class ActivationStats:
             else:
                 self._pending.extend(vals)
                 self._pending_idx.append(i)
+        vn = view.numel()
+        counts[0] += n
+        counts[1] += vn
+        counts[3] += 1
         if kind.bounded:
-            self.sat_den[i] += self._sat_units(kind, view)
-        self.numel[i] += y.numel()
-        self.view_numel[i] += view.numel()
-        self.calls[i] += 1
-        if self.track_dead and unit_dim is not None:
-            self._track_units(i, view, unit_dim)
+            counts[2] += vn // max(view.shape[kind.softmax_dim], 1) if kind.softmax_dim is not None else vn
+        if unit_reduce is not None and self.track_dead:
+            self._track_units(i, view, unit_reduce)
         if len(self._pending_idx) > 4096:  # a loop that never steps (inference): bound the list
             self.fold()
+
+    @property
+    def calls(self) -> list[int]:
+        """Forward calls seen per layer in the current interval."""
+        return [c[3] for c in self._counts]
+
+    def _plan(self, i: int, y: torch.Tensor, channels_first: bool) -> tuple:
+        """Per-layer facts decided once: (ndim, dims the view keeps whole, dims reduced per unit, kind)."""
+        kind = self.kinds[i]
+        unit_dim = None
+        if kind.relu_family and y.ndim > 1:
+            unit_dim = 1 if channels_first and y.ndim >= 3 else y.ndim - 1
+        keep = {y.ndim - 1}
+        if unit_dim is not None:
+            keep.add(unit_dim)
+        if kind.softmax_dim is not None and y.ndim:
+            keep.add(kind.softmax_dim % y.ndim)
+        reduce_dims = None if unit_dim is None else tuple(d for d in range(y.ndim) if d != unit_dim)
+        self._plans[i] = (y.ndim, keep, reduce_dims, kind)
+        return self._plans[i]
 
     def _reduce_plain(self, y: torch.Tensor, view: torch.Tensor | None, kind: OutputKind, wide: bool,
                       total: float) -> list[float]:
@@ -161,12 +182,6 @@ class ActivationStats:
         centred = y if mid == 0 else y - mid
         return torch.count_nonzero(centred.abs() > half * (1.0 - self.margin))
 
-    @staticmethod
-    def _sat_units(kind: OutputKind, view: torch.Tensor) -> int:
-        if kind.softmax_dim is not None and view.ndim:
-            return view.numel() // max(view.shape[kind.softmax_dim], 1)
-        return view.numel()
-
     def _add_host(self, i: int, total, vsum, vsumsq, nonzero, sat, nonfinite, view_nonfinite, mn, mx) -> None:
         row = self._host_rows[i]
         row[0] += total
@@ -178,13 +193,7 @@ class ActivationStats:
         row[6] += view_nonfinite
         row[7] = max(row[7], -mn, mx)
 
-    def _unit_dims(self, i: int, y: torch.Tensor, channels_first: bool) -> int | None:
-        if i not in self._unit_dim:
-            self._unit_dim[i] = None if y.ndim <= 1 else (1 if channels_first and y.ndim >= 3 else y.ndim - 1)
-        return self._unit_dim[i]
-
-    def _track_units(self, i: int, y: torch.Tensor, unit: int) -> None:
-        dims = tuple(d for d in range(y.ndim) if d != unit)
+    def _track_units(self, i: int, y: torch.Tensor, dims: tuple[int, ...]) -> None:
         unit_max = y.amax(dim=dims)
         buf = self._unit_max.get(i)
         if buf is None or buf.shape != unit_max.shape:
@@ -234,15 +243,16 @@ class ActivationStats:
             self._unit_max.clear()
             self._unit_steps = 0
         total, vsum, vsumsq, nonzero, sat, nonfinite, view_nonfinite = acc.T
-        seen = self.calls > 0
+        numel, view_numel, sat_den, calls = np.array(self._counts, dtype=np.float64).reshape(-1, 4).T
+        seen = calls > 0
         has_zeros = np.array([k.has_zeros for k in self.kinds], dtype=bool)
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = total / np.maximum(self.numel - nonfinite, 1)
-            view_finite = np.maximum(self.view_numel - view_nonfinite, 1)
+            mean = total / np.maximum(numel - nonfinite, 1)
+            view_finite = np.maximum(view_numel - view_nonfinite, 1)
             vmean = vsum / view_finite
             std = np.sqrt(np.maximum(vsumsq / view_finite - vmean * vmean, 0.0))
-            zero = np.where(has_zeros, 1.0 - nonzero / self.view_numel, np.nan)
-            saturation = np.where(self.sat_den > 0, sat / np.maximum(self.sat_den, 1), np.nan)
+            zero = np.where(has_zeros, 1.0 - nonzero / view_numel, np.nan)
+            saturation = np.where(sat_den > 0, sat / np.maximum(sat_den, 1), np.nan)
         fresh = {"activation_mean": mean, "activation_std": std, "activation_absmax": absmax,
                  "activation_zero_ratio": zero, "activation_saturation_ratio": saturation}
         # a layer not called in this interval keeps its last values (no flapping series)
@@ -254,6 +264,5 @@ class ActivationStats:
         self.acc.zero_()
         self.absmax.zero_()
         self._host_rows = [[0.0] * (N_COLS + 1) for _ in self.kinds]
-        for buf in (self.numel, self.view_numel, self.sat_den, self.calls):
-            buf[:] = 0
+        self._counts = [[0, 0, 0, 0] for _ in self.kinds]
         return out
