@@ -204,10 +204,12 @@ def test_gradient_accumulation_gives_one_reading_per_optimizer_step():
     assert snap.layer("0")["grad_pressure_max"] == pytest.approx(max(expected), rel=1e-5)
 
 
-def test_nonfinite_gradients_are_counted_and_the_finite_part_summarised():
+@pytest.mark.parametrize("robust", [False, True], ids=["cpu-fast-path", "accelerator-masked-path"])
+def test_nonfinite_gradients_are_counted_and_the_finite_part_summarised(robust):
     model = nn.Sequential(nn.Linear(2, 2, bias=False))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     agent = gradflow_agent.attach(model, config(), optimizer=opt)
+    agent.grad.robust = robust
     model(torch.ones(1, 2)).sum().backward()
     model[0].weight.grad[0, 0] = float("nan")
     model[0].weight.grad[1, 1] = float("inf")
