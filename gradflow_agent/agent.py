@@ -8,12 +8,13 @@ threads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -119,6 +120,9 @@ class Agent:
         if cfg.stats.parameters.enabled and self._param_due(1):
             self.param.take_before()
         self.exporters = build_exporters(self)
+        if cfg.dynamics.enabled:
+            from .dynamics import dynamics_from_config
+            dynamics_from_config(self)
         self._publish(self._snapshot())  # the endpoint serves the layer list from the start
 
     def _trainable_params(self) -> tuple[list[nn.Parameter], list[int]]:
@@ -257,6 +261,33 @@ class Agent:
                 self.errors.record(type(exporter).__name__, exc)
 
     # -- public API -------------------------------------------------------------------------------------
+    def read_gradients(self) -> None:
+        """Read the gradients now, as the optimizer step pre-hook does: for trainer integrations that own
+        the step boundary (e.g. Lightning's `on_before_optimizer_step`). Follow with `end_optimizer_step`."""
+        t0 = time.perf_counter()
+        try:
+            self._before_optimizer_step()
+        except Exception as exc:
+            self.errors.record("read_gradients", exc)
+        self._overhead += time.perf_counter() - t0
+
+    def end_optimizer_step(self) -> None:
+        """Mark an optimizer step as done, as the optimizer step post-hook does (integrations)."""
+        try:
+            self._after_optimizer_step()
+        except Exception as exc:
+            self.errors.record("end_optimizer_step", exc)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No activation statistics inside this block (evaluation, or a plug-in's own forward passes)."""
+        previous = self.hooks.active
+        self.hooks.active = False
+        try:
+            yield
+        finally:
+            self.hooks.active = previous
+
     def add_plugin(self, plugin) -> None:
         """Run a plug-in inside the agent: `plugin.on_step(agent)` at every step boundary (training
         thread), `plugin.collect()` -> [(Metric, labels, value)] at every snapshot, published by every

@@ -13,6 +13,7 @@ DELEGATED = {
     "init-check": ("gradflow_agent.initcheck.cli", "check a module's initialisation (norms, spectra, ...)"),
     "rules": ("gradflow_agent.alerting.cli", "write Prometheus alert rules from a config's thresholds"),
     "dashboards": ("gradflow_agent.alerting.dashboards_cli", "write the Grafana dashboards from a config"),
+    "report": ("gradflow_agent.report.cli", "turn a JSONL flight record into an HTML/JSON/text report"),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,18 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "exporters.otel.protocol": (lambda v: v == "http/protobuf", "http/protobuf (the OTLP/HTTP exporter)"),
     "exporters.otel.interval_seconds": (_positive, "a positive number of seconds"),
     "exporters.otel.timeout_seconds": (_positive, "a positive number of seconds"),
+    "dynamics.interval": (_positive, "a positive integer"),
+    "dynamics.snapshot_device": (lambda v: re.fullmatch(r"cpu|model|(cuda|xpu|mps|npu)(:\d+)?", v) is not None,
+                                 "cpu, model, or an accelerator such as cuda or cuda:1"),
+    "dynamics.snapshot_dtype": (lambda v: v in ("float32", "float16", "bfloat16", "native"),
+                                "float32, float16, bfloat16 or native"),
+    "dynamics.param_change_thresholds": (lambda v: len(v) > 0 and all(x >= 0 for x in v),
+                                         "a non-empty list of numbers >= 0"),
+    "dynamics.sparse_quality_thresholds": (lambda v: len(v) > 0 and all(x >= 0 for x in v),
+                                           "a non-empty list of numbers >= 0"),
+    "dynamics.max_layers": (_positive, "a positive integer"),
+    "dynamics.chunk_elements": (_positive, "a positive integer"),
+    "dynamics.sparse_quality_max_samples": (_non_negative, "an integer >= 0 (0 = the whole batch)"),
     "log.level": (lambda v: v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "DEBUG, INFO, WARNING or ERROR"),
 }
 
@@ -118,6 +131,9 @@ def _coerce(key: str, default: Any, value: Any, source: str) -> Any:
         value = float(value) if ok else value
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, list) and default and all(isinstance(d, float) for d in default):
+        ok = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        value = [float(v) for v in value] if ok else value
     elif isinstance(default, list):
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     elif isinstance(default, dict):  # free-form string maps (labels, headers)

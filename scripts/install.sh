@@ -7,18 +7,18 @@ PY=${PYTHON:-python3}
 
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   missing=()
-  for bin in prometheus promtool prometheus-pushgateway prometheus-alertmanager amtool; do
+  for bin in prometheus promtool prometheus-pushgateway prometheus-alertmanager amtool chromium; do
     command -v "$bin" >/dev/null 2>&1 || missing+=("$bin")
   done
   if ((${#missing[@]})); then
     echo "install.sh: installing Debian packages for: ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      prometheus prometheus-pushgateway prometheus-alertmanager >/dev/null
+      prometheus prometheus-pushgateway prometheus-alertmanager chromium fonts-dejavu-core >/dev/null
   fi
 else
   echo "install.sh: not root or no apt-get: install prometheus, prometheus-pushgateway," \
-       "prometheus-alertmanager yourself (the tests that need them say so)" >&2
+       "prometheus-alertmanager and chromium yourself (the tests that need them say so)" >&2
 fi
 
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0"

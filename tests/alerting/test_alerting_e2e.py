@@ -301,6 +301,8 @@ def test_missing_target_fires_agent_down(stack: Stack) -> None:
     stack.prometheus.wait_until(  # down since its first scrape, then `for: 5s`
         lambda: stack.prometheus.query(f'ALERTS{{instance="{ghost}", alertstate="firing"}}'), timeout=30,
         what="GradflowAgentDown on the target where nothing listens")
+    # the 1 s-step subquery behind _fired() sees a sample only once an aligned step has passed it
+    stack.prometheus.wait_until(lambda: _fired(stack).get("ghost"), timeout=10, what="the alert in the history")
     assert _fired(stack).get("ghost") == {"GradflowAgentDown": {""}}
 
 

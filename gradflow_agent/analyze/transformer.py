@@ -1,0 +1,574 @@
+"""TransformerAnalyzer: attention patterns, Q/K/V gradient balance, residual stream, FFN bottlenecks.
+
+Attention maps come through forward hooks: an nn.MultiheadAttention gets a forward pre-hook that asks for
+per-head weights (need_weights=True, average_attn_weights=False; same outputs), and its forward hook reads
+them; an nn.Softmax layer whose output is (batch, heads, queries, keys) or (batch, queries, keys) is read
+as an attention map too (custom attention). For a map A with valid positions V (from the attention mask,
+the key-padding mask or is_causal; for nn.Softmax, the positions non-zero somewhere in the batch), each
+row i having n_i valid keys:
+
+- entropy (normalised) = mean over rows with n_i >= 2 of -sum_j A_ij ln A_ij / ln n_i, per head, in [0, 1];
+- sparsity = share of valid entries with A_ij < 0.1 / n_i (less than a tenth of the uniform share);
+- sink (attention bottleneck) = max over keys j of the mean over rows of A_ij, per head: the share of all
+  attention that flows into the single most attended position;
+- head diversity = 1 - mean over head pairs of cos(A_h - U, A_h' - U), U the uniform map over V, clipped to
+  [0, 1]: 0 = identical heads, ~1 = unrelated heads (uniform, pattern-free heads are left out);
+- Q/K/V gradient balance = max / min of the mean L2 norms of the gradients of the query, key and value
+  projection weights (in_proj_weight split in three, or q/k/v-named Linear layers);
+- residual stream, per block (the module holding an attention layer): token residual
+  res(X) = mean over samples ||X - 1 mean_t(X_t)||_F / ||X||_F (0 = every token identical) and the mean
+  L2 norm of dL/d(block output). rank-collapse ratio = res(last block output) / res(first block input):
+  risk HIGH below 0.1, MEDIUM below 0.3, LOW otherwise (UNKNOWN without blocks). residual gradient ratio =
+  gradient norm at the first block's output / at the last block's output;
+- FFN: the first and last Linear of a block outside its attention: compression = effective rank of the FFN
+  input / effective rank of its hidden activation (the last Linear's input); dead hidden units = share of
+  hidden units never > 0 over the analysis;
+- norm placement: `norm_first` when the block has it; otherwise pre-norm if a LayerNorm of the block runs
+  before its attention, post-norm if they all run after it.
+
+Issues: LOW_ATTENTION_ENTROPY (entropy < min_entropy_threshold, HIGH below half of it), LOW_HEAD_DIVERSITY
+(< min_diversity_threshold), ATTN_BOTTLENECK (sink > sink_threshold), RANK_COLLAPSE (risk MEDIUM/HIGH),
+QKV_IMBALANCE (> qkv_imbalance_threshold), RESIDUAL_DECAY (residual gradient ratio < residual_decay_threshold),
+FFN_BOTTLENECK (compression >= bottleneck_ratio or dead hidden units > ffn_dead_threshold).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..report.flow_report import section, table
+from .base import FlowIssue, FlowThresholds, IssueSeverity, IssueType, jsonable, make_issue
+from .engine import AnalysisRun, Collector, batches_from
+from .flow import Extension, ExtensionResult, FlowEngine
+from .metrics import FlowMetrics
+
+_QKV = {"q": re.compile(r"(^|[._])(q|query|q_proj|to_q|wq|q_lin)$"),
+        "k": re.compile(r"(^|[._])(k|key|k_proj|to_k|wk|k_lin)$"),
+        "v": re.compile(r"(^|[._])(v|value|v_proj|to_v|wv|v_lin)$")}
+
+
+# -- pure measurements on one attention map (B, H, L, S) ------------------------------------------------------------
+def _valid_rows(A: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = valid.sum(-1).double()  # (B|1, H|1, L)
+    return n, n >= 2
+
+
+def attention_entropy(A: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
+    """Normalised entropy per head (see the module docstring)."""
+    A = A.double()
+    n, rows = _valid_rows(A, valid)
+    h = -(torch.where(A > 0, A * A.clamp_min(1e-300).log(), 0.0)).sum(-1)
+    norm = torch.where(rows, h / n.clamp_min(2).log(), float("nan"))
+    norm = norm.expand(A.shape[:-1])
+    return np.nanmean(norm.permute(1, 0, 2).reshape(A.shape[1], -1).cpu().numpy(), axis=1)
+
+
+def attention_sparsity(A: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
+    """Share of valid entries below a tenth of the uniform share, per head."""
+    A = A.double()
+    n, rows = _valid_rows(A, valid)
+    share = 0.1 / n.clamp_min(1).unsqueeze(-1)
+    small = torch.lt(A, share) & valid & rows.unsqueeze(-1)
+    counted = (valid & rows.unsqueeze(-1)).expand(A.shape)
+    num = small.expand(A.shape).double().sum((0, 2, 3))
+    den = counted.double().sum((0, 2, 3)).clamp_min(1)
+    return (num / den).cpu().numpy()
+
+
+def attention_sink(A: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
+    """Per head: the largest mean share of attention any single key position receives."""
+    A = A.double()
+    _, rows = _valid_rows(A, valid)
+    w = rows.expand(A.shape[:-1]).double().unsqueeze(-1)
+    col = (A * w).sum((0, 2)) / w.sum((0, 2)).clamp_min(1)  # (H, S)
+    return col.max(-1).values.cpu().numpy()
+
+
+def head_diversity(A: torch.Tensor, valid: torch.Tensor) -> float:
+    """1 - mean pairwise cosine of the heads' deviations from uniform attention, clipped to [0, 1]."""
+    if A.shape[1] < 2:
+        return float("nan")
+    A = A.double()
+    n = valid.sum(-1, keepdim=True).double().clamp_min(1)
+    U = valid.double() / n
+    C = (A - U).transpose(0, 1).reshape(A.shape[1], -1)  # (H, B*L*S)
+    norms = C.norm(dim=1)
+    keep = norms > 1e-6 * max(float(norms.max()), 1e-300)
+    if keep.sum() < 2:
+        return float("nan")
+    C = C[keep] / norms[keep, None]
+    cos = C @ C.T
+    iu = torch.triu_indices(len(C), len(C), 1, device=C.device)
+    return float(min(1.0, max(0.0, 1.0 - float(cos[iu[0], iu[1]].mean()))))
+
+
+def token_residual(x: torch.Tensor, token_dim: int = 1) -> float:
+    """mean over samples of ||X - mean over tokens||_F / ||X||_F for X the (tokens, features) slice of a sample."""
+    x = x.detach().double()
+    if x.ndim != 3 or x.shape[token_dim] < 2:
+        return float("nan")
+    if token_dim != 1:
+        x = x.transpose(0, 1)
+    centred = x - x.mean(1, keepdim=True)
+    num = centred.flatten(1).norm(dim=1)
+    den = x.flatten(1).norm(dim=1).clamp_min(1e-300)
+    return float((num / den).mean())
+
+
+def rank_collapse_risk(ratio: float) -> str:
+    if not math.isfinite(ratio):
+        return "UNKNOWN"
+    return "HIGH" if ratio < 0.1 else ("MEDIUM" if ratio < 0.3 else "LOW")
+
+
+def _mha_valid(module: nn.MultiheadAttention, kwargs: dict[str, Any], A: torch.Tensor) -> torch.Tensor:
+    """Valid (query, key) positions of an MHA call from its masks, shaped to broadcast against A (B, H, L, S)."""
+    B, _, L, S = A.shape
+    valid = torch.ones(1, 1, L, S, dtype=torch.bool, device=A.device)
+    mask = kwargs.get("attn_mask")
+    if mask is None and kwargs.get("is_causal"):
+        valid = valid & torch.ones(L, S, dtype=torch.bool, device=A.device).tril()
+    elif mask is not None:
+        m = ~mask if mask.dtype == torch.bool else torch.isfinite(mask) & (mask > -1e30)
+        m = m.reshape(-1, *m.shape[-2:])
+        valid = valid & (m.reshape(B, -1, L, S) if m.shape[0] == B * A.shape[1] else m.unsqueeze(0)[:, :1])
+    kpm = kwargs.get("key_padding_mask")
+    if kpm is not None:
+        k = ~kpm if kpm.dtype == torch.bool else torch.isfinite(kpm) & (kpm > -1e30)
+        valid = valid & k.reshape(B, 1, 1, S)
+    return valid
+
+
+@dataclass
+class _HeadAcc:
+    entropy: list[np.ndarray] = field(default_factory=list)
+    sparsity: list[np.ndarray] = field(default_factory=list)
+    sink: list[np.ndarray] = field(default_factory=list)
+    diversity: list[float] = field(default_factory=list)
+    heads: int = 0
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class AttentionLayerMetrics:
+    layer: str
+    heads: int
+    sequence_length: int
+    entropy_per_head: tuple[float, ...]
+    entropy_mean: float
+    sparsity: float
+    sink: float
+    head_diversity: float
+    q_grad: float = float("nan")
+    k_grad: float = float("nan")
+    v_grad: float = float("nan")
+
+    @property
+    def qkv_imbalance(self) -> float:
+        vals = [v for v in (self.q_grad, self.k_grad, self.v_grad) if math.isfinite(v)]
+        if len(vals) < 3:
+            return float("nan")
+        return max(vals) / min(vals) if min(vals) > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = jsonable(self.__dict__)
+        d["qkv_imbalance"] = jsonable(self.qkv_imbalance)
+        return d
+
+
+@dataclass(frozen=True)
+class BlockMetrics:
+    block: str
+    depth: int
+    token_residual_in: float
+    token_residual_out: float
+    output_grad_norm: float
+    norm_placement: str
+    ffn_in: str = ""
+    ffn_out: str = ""
+    ffn_compression: float = float("nan")
+    ffn_dead_ratio: float = float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable(self.__dict__)
+
+
+@dataclass(frozen=True)
+class AttentionStats:
+    """Seed 003's `attn_stats`, plus per-layer and per-block detail."""
+
+    attention_entropy_mean: float
+    attention_sparsity: float
+    head_diversity: float
+    rank_collapse_risk: str
+    rank_collapse_ratio: float
+    residual_gradient_ratio: float
+    layers: dict[str, AttentionLayerMetrics] = field(default_factory=dict)
+    blocks: list[BlockMetrics] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable({k: v for k, v in self.__dict__.items() if k not in ("layers", "blocks")} |
+                        {"layers": {k: v.to_dict() for k, v in self.layers.items()},
+                         "blocks": [b.to_dict() for b in self.blocks]})
+
+
+class AttentionCollector(Collector):
+    """Attention maps (MHA and softmax layers), Q/K/V gradients, block streams, FFN hidden units."""
+
+    def __init__(self, attention_layers: list[str] | None = None) -> None:
+        self.only = attention_layers
+        self.acc: dict[str, _HeadAcc] = {}
+        self.qkv: dict[str, dict[str, list[float]]] = {}
+        self._qkv_params: dict[str, dict[str, tuple[torch.Tensor, slice | None]]] = {}
+        self.blocks: dict[str, dict[str, Any]] = {}
+        self._kwargs: dict[int, dict[str, Any]] = {}
+
+    # -- registration -----------------------------------------------------------------------------------------
+    def attach(self, run: AnalysisRun) -> None:
+        model = run.model
+        names = {m: n for n, m in model.named_modules()}
+        attn_names = []
+        for layer in run.layers:
+            mod = layer.module
+            if self.only is not None and layer.name not in self.only:
+                continue
+            if isinstance(mod, nn.MultiheadAttention):
+                run.probes.pre(mod, self._mha_pre, name="attention-pre", with_kwargs=True)
+                run.probes.forward(mod, self._mha_hook(layer.name), name="attention-probe")
+                self._qkv_params[layer.name] = self._mha_qkv(mod)
+                attn_names.append(layer.name)
+            elif isinstance(mod, nn.Softmax):
+                run.probes.forward(mod, self._softmax_hook(layer.name), name="softmax-probe")
+                attn_names.append(layer.name)
+                parent = model.get_submodule(layer.name.rsplit(".", 1)[0]) if "." in layer.name else model
+                self._qkv_params[layer.name] = self._named_qkv(parent, set())  # q/k/v Linear siblings, by name
+        for name in attn_names:
+            parent = name.rsplit(".", 1)[0] if "." in name else ""
+            if not parent or parent in self.blocks:
+                continue
+            block = model.get_submodule(parent)
+            if block is model:
+                continue
+            self._add_block(run, parent, block, names, name)
+
+    def _add_block(self, run: AnalysisRun, name: str, block: nn.Module, names: dict[nn.Module, str],
+                   attn_name: str) -> None:
+        attn_mod = run.model.get_submodule(attn_name)
+        batch_first = bool(getattr(attn_mod, "batch_first", True))
+        inside_attn = {id(m) for m in attn_mod.modules()}
+        linears = [m for m in block.modules() if isinstance(m, nn.Linear) and id(m) not in inside_attn]
+        info: dict[str, Any] = {"res_in": [], "res_out": [], "grad": [], "calls": [], "order": None,
+                                "token_dim": 1 if batch_first else 0, "ffn_in": "", "ffn_out": "",
+                                "fired": None, "norm_first": getattr(block, "norm_first", None),
+                                "qkv_block": {}}
+        self.blocks[name] = info
+        if attn_name not in self._qkv_params or not self._qkv_params[attn_name]:
+            self._qkv_params[attn_name] = self._named_qkv(block, inside_attn)
+        run.probes.forward(block, self._block_hook(name, run), name="block-probe")
+        for child in block.modules():
+            if isinstance(child, nn.LayerNorm) or child is attn_mod:
+                kind = "norm" if isinstance(child, nn.LayerNorm) else "attn"
+                run.probes.forward(child, lambda m, a, o, kind=kind, info=info: info["calls"].append(kind),
+                                   name="block-order")
+        if len(linears) >= 2:
+            info["ffn_in"], info["ffn_out"] = names[linears[0]], names[linears[-1]]
+            run.probes.forward(linears[-1], self._ffn_hook(info), name="ffn-probe")
+
+    @staticmethod
+    def _mha_qkv(mod: nn.MultiheadAttention) -> dict[str, tuple[torch.Tensor, slice | None]]:
+        if mod.in_proj_weight is not None:
+            E = mod.embed_dim
+            return {"q": (mod.in_proj_weight, slice(0, E)), "k": (mod.in_proj_weight, slice(E, 2 * E)),
+                    "v": (mod.in_proj_weight, slice(2 * E, 3 * E))}
+        return {"q": (mod.q_proj_weight, None), "k": (mod.k_proj_weight, None), "v": (mod.v_proj_weight, None)}
+
+    @staticmethod
+    def _named_qkv(block: nn.Module, skip: set[int]) -> dict[str, tuple[torch.Tensor, slice | None]]:
+        out = {}
+        for n, m in block.named_modules():
+            if isinstance(m, nn.Linear):
+                for key, pat in _QKV.items():
+                    if pat.search(n) and key not in out:
+                        out[key] = (m.weight, None)
+        return out if len(out) == 3 else {}
+
+    # -- hooks ------------------------------------------------------------------------------------------------
+    def _mha_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        kwargs = dict(kwargs)
+        if len(args) > 4:  # need_weights given positionally
+            args = (*args[:4], True, *args[5:])
+        else:
+            kwargs["need_weights"] = True
+        if len(args) > 6:
+            args = (*args[:6], False, *args[7:])
+        else:
+            kwargs["average_attn_weights"] = False
+        self._kwargs[id(module)] = {k: kwargs.get(k) for k in ("attn_mask", "key_padding_mask", "is_causal")}
+        if len(args) > 3:
+            self._kwargs[id(module)]["key_padding_mask"] = args[3]
+        return args, kwargs
+
+    def _mha_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not (isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor)):
+                return
+            A = output[1].detach()
+            if A.ndim == 3:  # unbatched (H, L, S)
+                A = A.unsqueeze(0)
+            valid = _mha_valid(module, self._kwargs.get(id(module), {}), A)
+            self._record(name, A, valid)
+        return hook
+
+    def _softmax_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not isinstance(output, torch.Tensor) or output.ndim not in (3, 4) \
+                    or module.dim not in (-1, output.ndim - 1):
+                return
+            A = output.detach()
+            if A.ndim == 3:
+                A = A.unsqueeze(1)
+            valid = (A > 0).any(0, keepdim=True).any(1, keepdim=True)
+            self._record(name, A, valid)
+        return hook
+
+    def _record(self, name: str, A: torch.Tensor, valid: torch.Tensor) -> None:
+        acc = self.acc.setdefault(name, _HeadAcc())
+        acc.heads, acc.seq = A.shape[1], A.shape[-1]
+        acc.entropy.append(attention_entropy(A, valid))
+        acc.sparsity.append(attention_sparsity(A, valid))
+        acc.sink.append(attention_sink(A, valid))
+        acc.diversity.append(head_diversity(A, valid))
+
+    def _block_hook(self, name: str, run: AnalysisRun) -> Callable[..., None]:
+        info = self.blocks[name]
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            y = output[0] if isinstance(output, tuple) else output
+            if info["order"] is None:
+                info["order"] = len([b for b in self.blocks.values() if b["order"] is not None])
+            if x is not None:
+                info["res_in"].append(token_residual(x, info["token_dim"]))
+            if isinstance(y, torch.Tensor):
+                info["res_out"].append(token_residual(y, info["token_dim"]))
+                run.probes.on_grad(y, lambda g: info["grad"].append(float(g.double().norm())))
+        return hook
+
+    @staticmethod
+    def _ffn_hook(info: dict[str, Any]) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            h = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if h is None or h.ndim < 2:
+                return
+            fired = (h.detach().reshape(-1, h.shape[-1]) > 0).any(0)
+            info["fired"] = fired if info["fired"] is None else (info["fired"] | fired)
+        return hook
+
+    def after_backward(self, run: AnalysisRun, output: Any, loss: torch.Tensor) -> None:
+        for name, parts in self._qkv_params.items():
+            if not parts:
+                continue
+            rec = self.qkv.setdefault(name, {"q": [], "k": [], "v": []})
+            for key, (w, rows) in parts.items():
+                g = w.grad
+                if g is None:
+                    continue
+                g = g[rows] if rows is not None else g
+                rec[key].append(float(torch.linalg.vector_norm(g.detach().double())))
+
+
+@dataclass(frozen=True)
+class TransformerThresholds:
+    min_entropy: float = 0.5
+    min_diversity: float = 0.3
+    sink: float = 0.5
+    qkv_imbalance: float = 100.0
+    residual_decay: float = 0.1
+    ffn_dead: float = 0.5
+
+
+class TransformerExtension(Extension):
+    name = "attention"
+
+    def __init__(self, thresholds: TransformerThresholds = TransformerThresholds(),
+                 attention_layers: list[str] | None = None) -> None:
+        self.th = thresholds
+        self.collector = AttentionCollector(attention_layers)
+
+    def collectors(self) -> list[Collector]:
+        return [self.collector]
+
+    def stats(self, metrics: list[FlowMetrics]) -> AttentionStats:
+        c = self.collector
+        layers: dict[str, AttentionLayerMetrics] = {}
+        for name, acc in c.acc.items():
+            ent = np.nanmean(np.stack(acc.entropy), axis=0) if acc.entropy else np.array([])
+            q = c.qkv.get(name, {})
+            layers[name] = AttentionLayerMetrics(
+                name, acc.heads, acc.seq, tuple(float(v) for v in ent), _mean(ent),
+                _mean([float(np.mean(s)) for s in acc.sparsity]), _mean([float(np.max(s)) for s in acc.sink]),
+                _mean(acc.diversity), _mean(q.get("q", [])), _mean(q.get("k", [])), _mean(q.get("v", [])))
+        by_name = {m.layer: m for m in metrics}
+        blocks = []
+        for name, info in sorted(c.blocks.items(), key=lambda kv: (kv[1]["order"] is None, kv[1]["order"] or 0)):
+            if info["norm_first"] is not None:
+                placement = "pre-norm" if info["norm_first"] else "post-norm"
+            else:
+                calls = info["calls"]
+                if "norm" not in calls:
+                    placement = "none"
+                elif "attn" in calls and calls.index("norm") < calls.index("attn"):
+                    placement = "pre-norm"
+                else:
+                    placement = "post-norm"
+            comp, dead = float("nan"), float("nan")
+            if info["ffn_in"] and info["ffn_in"] in by_name and info["ffn_out"] in by_name:
+                r_in = by_name[info["ffn_in"]].effective_rank_in
+                r_hidden = by_name[info["ffn_out"]].effective_rank_in
+                comp = r_in / r_hidden if r_hidden > 0 and math.isfinite(r_in) else float("nan")
+            if info["fired"] is not None:
+                dead = float(1.0 - info["fired"].double().mean())
+            blocks.append(BlockMetrics(name, info["order"] if info["order"] is not None else -1, _mean(info["res_in"]),
+                                       _mean(info["res_out"]), _mean(info["grad"]), placement, info["ffn_in"],
+                                       info["ffn_out"], comp, dead))
+        ratio = blocks[-1].token_residual_out / blocks[0].token_residual_in if blocks and \
+            blocks[0].token_residual_in > 0 else float("nan")
+        grad_ratio = blocks[0].output_grad_norm / blocks[-1].output_grad_norm if len(blocks) >= 2 and \
+            blocks[-1].output_grad_norm > 0 else float("nan")
+        return AttentionStats(
+            attention_entropy_mean=_mean([m.entropy_mean for m in layers.values()]),
+            attention_sparsity=_mean([m.sparsity for m in layers.values()]),
+            head_diversity=_mean([m.head_diversity for m in layers.values()]),
+            rank_collapse_risk=rank_collapse_risk(ratio), rank_collapse_ratio=ratio,
+            residual_gradient_ratio=grad_ratio, layers=layers, blocks=blocks)
+
+    def issues(self, st: AttentionStats, th: FlowThresholds, step: int = 0) -> list[FlowIssue]:
+        t = self.th
+        out = []
+        for m in st.layers.values():
+            if math.isfinite(m.entropy_mean) and m.entropy_mean < t.min_entropy:
+                out.append(make_issue(IssueType.LOW_ATTENTION_ENTROPY, IssueSeverity.HIGH if m.entropy_mean <
+                                      t.min_entropy / 2 else IssueSeverity.MEDIUM, m.layer, m.entropy_mean,
+                                      t.min_entropy, f"normalised attention entropy {m.entropy_mean:.2f} < "
+                                      f"{t.min_entropy:g} (sparsity {m.sparsity:.0%})", step))
+            if m.heads >= 2 and math.isfinite(m.head_diversity) and m.head_diversity < t.min_diversity:
+                out.append(make_issue(IssueType.LOW_HEAD_DIVERSITY, IssueSeverity.MEDIUM, m.layer, m.head_diversity,
+                                      t.min_diversity, f"head diversity {m.head_diversity:.2f} < {t.min_diversity:g}: "
+                                      f"the {m.heads} heads attend alike", step))
+            if m.sequence_length >= 4 and math.isfinite(m.sink) and m.sink > t.sink:
+                out.append(make_issue(IssueType.ATTN_BOTTLENECK, IssueSeverity.MEDIUM, m.layer, m.sink, t.sink,
+                                      f"{m.sink:.0%} of the attention of a head goes to one key position", step))
+            imb = m.qkv_imbalance
+            if imb == float("inf") or (math.isfinite(imb) and imb > t.qkv_imbalance):
+                out.append(make_issue(IssueType.QKV_IMBALANCE, IssueSeverity.MEDIUM, m.layer, imb, t.qkv_imbalance,
+                                      f"Q/K/V gradient norms {m.q_grad:.3g} / {m.k_grad:.3g} / {m.v_grad:.3g} "
+                                      f"(max/min {imb:.3g} > {t.qkv_imbalance:g})", step))
+        if st.rank_collapse_risk in ("MEDIUM", "HIGH"):
+            out.append(make_issue(IssueType.RANK_COLLAPSE, IssueSeverity.HIGH if st.rank_collapse_risk == "HIGH" else
+                                  IssueSeverity.MEDIUM, st.blocks[-1].block, st.rank_collapse_ratio, 0.3,
+                                  f"token diversity falls to {st.rank_collapse_ratio:.0%} of the input's through "
+                                  f"{len(st.blocks)} blocks (risk {st.rank_collapse_risk})", step))
+        if math.isfinite(st.residual_gradient_ratio) and st.residual_gradient_ratio < t.residual_decay:
+            out.append(make_issue(IssueType.RESIDUAL_DECAY, IssueSeverity.HIGH if st.residual_gradient_ratio <
+                                  t.residual_decay ** 2 else IssueSeverity.MEDIUM, st.blocks[0].block,
+                                  st.residual_gradient_ratio, t.residual_decay,
+                                  f"the residual-stream gradient at the first block is {st.residual_gradient_ratio:.2g}"
+                                  f" of the last block's ({len(st.blocks)} blocks, "
+                                  f"{st.blocks[0].norm_placement})", step))
+        for b in st.blocks:
+            bad_comp = math.isfinite(b.ffn_compression) and b.ffn_compression >= th.bottleneck_ratio
+            bad_dead = math.isfinite(b.ffn_dead_ratio) and b.ffn_dead_ratio > t.ffn_dead
+            if bad_comp or bad_dead:
+                why = []
+                if bad_comp:
+                    why.append(f"the hidden layer uses {b.ffn_compression:.1f}x fewer effective dimensions than "
+                               "its input")
+                if bad_dead:
+                    why.append(f"{b.ffn_dead_ratio:.0%} of the hidden units never fire")
+                out.append(make_issue(IssueType.FFN_BOTTLENECK, IssueSeverity.MEDIUM, b.ffn_out or b.block,
+                                      b.ffn_compression if bad_comp else b.ffn_dead_ratio,
+                                      th.bottleneck_ratio if bad_comp else t.ffn_dead,
+                                      f"feed-forward bottleneck in {b.block}: " + "; ".join(why), step))
+        return out
+
+    def evaluate(self, run: AnalysisRun, metrics: list[FlowMetrics], th: FlowThresholds) -> ExtensionResult:
+        st = self.stats(metrics)
+        step = int(run.history.steps[-1]) if run.history is not None else 0
+        return ExtensionResult(self.issues(st, th, step), attention_section(st), st)
+
+
+def attention_section(st: AttentionStats) -> dict[str, Any]:
+    rows = [[m.layer, m.heads, m.sequence_length, m.entropy_mean, m.sparsity, m.sink, m.head_diversity, m.q_grad,
+             m.k_grad, m.v_grad, m.qkv_imbalance] for m in st.layers.values()]
+    brows = [[b.block, b.depth, b.norm_placement, b.token_residual_in, b.token_residual_out, b.output_grad_norm,
+              b.ffn_compression, b.ffn_dead_ratio] for b in st.blocks]
+    head_rows = [[m.layer, h, e] for m in st.layers.values() for h, e in enumerate(m.entropy_per_head)]
+    tables = [table("Attention layers", ["layer", "heads", "keys", "entropy", "sparsity", "sink", "head diversity",
+                                         "|dQ|", "|dK|", "|dV|", "Q/K/V max/min"], rows),
+              table("Entropy per head", ["layer", "head", "normalised entropy"], head_rows)]
+    if brows:
+        tables.append(table("Blocks (residual stream and FFN)", ["block", "depth", "norm", "token residual in",
+                                                                 "token residual out", "|dL/d out|",
+                                                                 "FFN compression", "FFN dead units"], brows))
+    return section("Attention", summary={"attention entropy (mean)": st.attention_entropy_mean,
+                                         "attention sparsity": st.attention_sparsity,
+                                         "head diversity": st.head_diversity,
+                                         "rank collapse risk": st.rank_collapse_risk,
+                                         "rank collapse ratio": st.rank_collapse_ratio,
+                                         "residual gradient ratio (first/last block)": st.residual_gradient_ratio},
+                   tables=tables)
+
+
+def _mean(values: Any) -> float:
+    arr = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    return float(arr.mean()) if arr.size else float("nan")
+
+
+class TransformerAnalyzer(FlowEngine):
+    """Seed 003's transformer analyzer: `issues, attn_stats = TransformerAnalyzer(model).analyze(...)`."""
+
+    analyzer_name = "TransformerAnalyzer"
+
+    def __init__(self, model: nn.Module, enable_jacobian: bool = False, enable_vector_analysis: bool = False,
+                 min_entropy_threshold: float = 0.5, min_diversity_threshold: float = 0.3,
+                 track_attention_weights: bool = True, *, sink_threshold: float = 0.5,
+                 qkv_imbalance_threshold: float = 100.0, residual_decay_threshold: float = 0.1,
+                 ffn_dead_threshold: float = 0.5, attention_layers: list[str] | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, thresholds: FlowThresholds | None = None,
+                 **threshold_overrides: float) -> None:
+        super().__init__(model, thresholds=thresholds, enable_jacobian=enable_jacobian,
+                         enable_vector_analysis=enable_vector_analysis, optimizer=optimizer, **threshold_overrides)
+        self.track_attention_weights = track_attention_weights
+        self.attention_layers = attention_layers
+        self.transformer_thresholds = TransformerThresholds(min_entropy_threshold, min_diversity_threshold,
+                                                            sink_threshold, qkv_imbalance_threshold,
+                                                            residual_decay_threshold, ffn_dead_threshold)
+
+    def _extensions(self) -> list[Extension]:
+        exts = super()._extensions()
+        if self.track_attention_weights:
+            exts.append(TransformerExtension(self.transformer_thresholds, self.attention_layers))
+        return exts
+
+    def analyze(self, input_fn: Callable[[], Any], loss_fn: Callable[[Any], torch.Tensor], steps: int = 20
+                ) -> tuple[list[FlowIssue], AttentionStats]:
+        report = self._run(self.model, batches_from(input_fn), loss_fn, steps)
+        st = self.results.get("attention") or AttentionStats(float("nan"), float("nan"), float("nan"), "UNKNOWN",
+                                                             float("nan"), float("nan"))
+        return report.issues, st
+
+    def print_summary(self, issues: list[FlowIssue] | None = None, attn_stats: AttentionStats | None = None,
+                      console: Any = None) -> None:
+        from ..report.console import ConsoleReporter
+        self.report.print_summary(console=console)
+        self.report.print_issues(issues if issues is not None else self.report.issues, console=console)
+        ConsoleReporter(console).print_sections(self.report)

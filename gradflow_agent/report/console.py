@@ -1,0 +1,149 @@
+"""ConsoleReporter: a FlowReport in the terminal with rich (colour-coded health and severities)."""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from ..analyze.base import FlowIssue
+
+SEVERITY_STYLE = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "cyan"}
+STATUS_STYLE = {"HEALTHY": "green", "WARNING": "yellow", "CRITICAL": "bold red"}
+
+
+def fmt(x: Any) -> str:
+    """Numbers with 3 significant digits, '-' for missing values."""
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "-"
+        if math.isinf(x):
+            return "inf" if x > 0 else "-inf"
+        return f"{x:.3g}"
+    return str(x)
+
+
+def _pct(x: float) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{100 * x:.0f}%"
+
+
+class ConsoleReporter:
+    """Prints the parts of a FlowReport; `console=None` writes to the terminal."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console()
+
+    # -- renderables (compute-free: the report already holds every number) -----------------------------------
+    @staticmethod
+    def summary_panel(report: Any) -> Panel:
+        s = report.summary()
+        style = STATUS_STYLE.get(s["overall_status"], "white")
+        sev = "  ".join(f"[{SEVERITY_STYLE[k]}]{k}: {v}[/]" for k, v in s["issues_by_severity"].items())
+        worst = ", ".join(f"{name} ({score:.0f})" for name, score in s["worst_layers"]) or "-"
+        body = (f"overall health [{style}]{s['overall_score']:.0f}/100 {s['overall_status']}[/]   "
+                f"layers {s['layers']}   steps {fmt(s['steps'])}\n"
+                f"issues {s['issues']}: {sev}\n"
+                f"worst layers: {worst}")
+        if s["issues_by_type"]:
+            body += "\nby type: " + ", ".join(f"{k} {v}" for k, v in sorted(s["issues_by_type"].items()))
+        return Panel(body, title=s["title"], expand=False)
+
+    @staticmethod
+    def issues_table(issues: list[FlowIssue]) -> Table:
+        t = Table(title="Issues" if issues else "Issues: none found", show_lines=False)
+        for col in ("severity", "type", "layer", "value", "threshold", "message"):
+            t.add_column(col, overflow="fold")
+        for i in issues:
+            style = SEVERITY_STYLE.get(i.severity.value, "white")
+            t.add_row(f"[{style}]{i.severity.value}[/]", i.issue_type.value, i.layer, fmt(i.value), fmt(i.threshold),
+                      i.message)
+        return t
+
+    @staticmethod
+    def layers_table(report: Any, max_rows: int = 60) -> Table:
+        t = Table(title="Layers", show_lines=False)
+        for col in ("layer", "type", "pressure", "max", "turbulence", "zero act", "dead units", "eff. rank out",
+                    "gain", "health", "status"):
+            t.add_column(col, justify="left" if col in ("layer", "type", "status") else "right")
+        for m in report.layers[:max_rows]:
+            h = report.health.get(m.layer)
+            score = h.score if h else float("nan")
+            status = h.status.value if h else "-"
+            style = STATUS_STYLE.get(status, "white")
+            t.add_row(m.layer, m.layer_type, fmt(m.mean_pressure), fmt(m.max_pressure), fmt(m.turbulence),
+                      _pct(m.activation_zero_ratio), _pct(m.dead_unit_ratio), fmt(m.effective_rank_out),
+                      fmt(m.gradient_gain), f"[{style}]{fmt(round(score))}[/]" if math.isfinite(score) else "-",
+                      f"[{style}]{status}[/]")
+        if len(report.layers) > max_rows:
+            t.caption = f"{len(report.layers) - max_rows} more layers not shown"
+        return t
+
+    @staticmethod
+    def section_tables(report: Any) -> list[Any]:
+        out: list[Any] = []
+        for sec in report.sections.values():
+            if sec.get("summary"):
+                t = Table(title=sec["title"], show_header=False)
+                t.add_column("metric")
+                t.add_column("value", justify="right")
+                for k, v in sec["summary"].items():
+                    t.add_row(str(k), fmt(v))
+                out.append(t)
+            for tab in sec.get("tables", []):
+                t = Table(title=f"{sec['title']}: {tab['title']}")
+                for col in tab["columns"]:
+                    t.add_column(str(col), overflow="fold")
+                for row in tab["rows"]:
+                    t.add_row(*(fmt(v) for v in row))
+                out.append(t)
+        return out
+
+    # -- printing -------------------------------------------------------------------------------------------------
+    def print_summary(self, report: Any) -> None:
+        self.console.print(self.summary_panel(report))
+
+    def print_issues(self, report: Any, issues: list[FlowIssue] | None = None) -> None:
+        self.console.print(self.issues_table(report.issues if issues is None else issues))
+
+    def print_layers(self, report: Any, max_rows: int = 60) -> None:
+        self.console.print(self.layers_table(report, max_rows))
+
+    print_layer_summary = print_layers
+
+    def print_recommendations(self, report: Any) -> None:
+        seen: list[str] = []
+        for i in report.issues:
+            if i.recommendation and i.recommendation not in seen:
+                seen.append(i.recommendation)
+        if not seen:
+            self.console.print("[green]No recommendations: no issues found.[/]")
+        for k, rec in enumerate(seen, 1):
+            self.console.print(f"{k}. {rec}")
+
+    def print_sections(self, report: Any) -> None:
+        for t in self.section_tables(report):
+            self.console.print(t)
+
+    def print_all(self, report: Any) -> None:
+        self.print_summary(report)
+        self.print_issues(report)
+        self.print_layers(report)
+        self.print_sections(report)
+        self.print_recommendations(report)
+
+    @classmethod
+    def format_report(cls, report: Any, width: int = 120) -> str:
+        """The whole report as plain text (no colour codes)."""
+        buf = io.StringIO()
+        cls(Console(file=buf, width=width, color_system=None, force_terminal=False, highlight=False)).print_all(report)
+        return buf.getvalue()

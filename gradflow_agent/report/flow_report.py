@@ -1,0 +1,166 @@
+"""FlowReport: the result of an analysis (or of a recorded run) and every way to show or save it.
+
+Display: print_summary / print_issues / print_layers (rich, colour). Export: save_html (one self-contained
+file), save_json (round-trips through `FlowReport.load_json`), save_text. Query: get_worst_layers,
+get_issues_by_severity, get_layer. Analyzer-specific results live in `sections`: plain data with a title,
+scalar summary, tables and series, so every renderer shows every analyzer without knowing about it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..analyze.base import FlowIssue, IssueSeverity, jsonable
+from ..analyze.health import LayerHealth
+from ..analyze.metrics import FlowMetrics
+
+SCHEMA = "gradflow-flow-report/1"
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    """A report table: `rows` are lists aligned with `columns`."""
+    return {"title": title, "columns": list(columns), "rows": [list(r) for r in rows]}
+
+
+def series(title: str, x: Sequence[float], ys: dict[str, Sequence[float]], *, xlabel: str = "", ylabel: str = "",
+           labels: Sequence[str] | None = None, log: bool = False) -> dict[str, Any]:
+    """A chart: one or more named y sequences over x (labels: optional names of the x positions)."""
+    return {"title": title, "x": list(x), "y": {k: list(v) for k, v in ys.items()}, "xlabel": xlabel,
+            "ylabel": ylabel, "labels": list(labels) if labels is not None else None, "log": log}
+
+
+def section(title: str, *, summary: dict[str, Any] | None = None, tables: list[dict[str, Any]] | None = None,
+            series: list[dict[str, Any]] | None = None, notes: str = "") -> dict[str, Any]:
+    """An analyzer's part of the report."""
+    return {"title": title, "summary": dict(summary or {}), "tables": list(tables or []),
+            "series": list(series or []), "notes": notes}
+
+
+@dataclass
+class FlowReport:
+    """Per-layer metrics and health, issues, history and analyzer sections of one analysis."""
+
+    title: str
+    layers: list[FlowMetrics]
+    health: dict[str, LayerHealth]
+    issues: list[FlowIssue]
+    overall_score: float
+    overall_status: str
+    history: dict[str, list[Any]] = field(default_factory=dict)
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # -- queries -------------------------------------------------------------------------------------------
+    def get_layer(self, name: str) -> FlowMetrics:
+        for m in self.layers:
+            if m.layer == name:
+                return m
+        raise KeyError(f"no layer named {name!r}")
+
+    def get_worst_layers(self, n: int = 5) -> list[LayerHealth]:
+        """The n layers with the lowest health score (ties: in layer order)."""
+        ranked = sorted((h for h in self.health.values() if math.isfinite(h.score)), key=lambda h: h.score)
+        return ranked[:n]
+
+    def get_issues_by_severity(self, severity: IssueSeverity | str | None = None
+                               ) -> list[FlowIssue] | dict[str, list[FlowIssue]]:
+        """Issues of one severity, or (no argument) a dict severity -> issues, most severe first."""
+        if severity is not None:
+            sev = IssueSeverity(severity)
+            return [i for i in self.issues if i.severity is sev]
+        out: dict[str, list[FlowIssue]] = {}
+        for sev in sorted(IssueSeverity, key=lambda s: -s.rank):
+            out[sev.value] = [i for i in self.issues if i.severity is sev]
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and headline numbers (what print_summary shows)."""
+        by_sev = Counter(i.severity.value for i in self.issues)
+        by_type = Counter(i.issue_type.value for i in self.issues)
+        status = Counter(h.status.value for h in self.health.values())
+        return {"title": self.title, "overall_score": self.overall_score, "overall_status": self.overall_status,
+                "layers": len(self.layers), "issues": len(self.issues),
+                "issues_by_severity": {s.value: by_sev.get(s.value, 0) for s in sorted(IssueSeverity,
+                                                                                     key=lambda s: -s.rank)},
+                "issues_by_type": dict(by_type), "layer_status": dict(status),
+                "steps": self.meta.get("steps"), "analyzer": self.meta.get("analyzer"),
+                "worst_layers": [(h.layer, h.score) for h in self.get_worst_layers(3)]}
+
+    # -- display -------------------------------------------------------------------------------------------
+    def print_summary(self, console: Any = None) -> None:
+        from .console import ConsoleReporter
+        ConsoleReporter(console).print_summary(self)
+
+    def print_issues(self, issues: list[FlowIssue] | None = None, console: Any = None) -> None:
+        from .console import ConsoleReporter
+        ConsoleReporter(console).print_issues(self, issues)
+
+    def print_layers(self, console: Any = None, max_rows: int = 60) -> None:
+        from .console import ConsoleReporter
+        ConsoleReporter(console).print_layers(self, max_rows=max_rows)
+
+    # -- export --------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "title": self.title, "overall_score": jsonable(self.overall_score),
+                "overall_status": self.overall_status, "layers": [m.to_dict() for m in self.layers],
+                "health": {k: h.to_dict() for k, h in self.health.items()},
+                "issues": [i.to_dict() for i in self.issues], "history": jsonable(self.history),
+                "sections": jsonable(self.sections), "meta": jsonable(self.meta)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FlowReport:
+        if d.get("schema") != SCHEMA:
+            raise ValueError(f"not a flow report (schema {d.get('schema')!r}, expected {SCHEMA!r})")
+        return cls(title=d["title"], layers=[FlowMetrics.from_dict(m) for m in d["layers"]],
+                   health={k: LayerHealth.from_dict(h) for k, h in d["health"].items()},
+                   issues=[FlowIssue.from_dict(i) for i in d["issues"]],
+                   overall_score=float("nan") if d.get("overall_score") is None else float(d["overall_score"]),
+                   overall_status=d["overall_status"], history=d.get("history", {}),
+                   sections=d.get("sections", {}), meta=d.get("meta", {}))
+
+    def save_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> FlowReport:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def save_html(self, path: str | Path) -> Path:
+        """One self-contained HTML file: sortable tables, inline SVG charts, no external resources."""
+        from .html import HTMLReportGenerator
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(HTMLReportGenerator().generate(self), encoding="utf-8")
+        return path
+
+    def to_text(self, width: int = 120) -> str:
+        from .console import ConsoleReporter
+        return ConsoleReporter.format_report(self, width=width)
+
+    def save_text(self, path: str | Path, width: int = 120) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_text(width), encoding="utf-8")
+        return path
+
+    # -- from a recorded run ---------------------------------------------------------------------------------
+    @classmethod
+    def from_records(cls, records: Sequence[dict[str, Any]], *, thresholds: Any = None,
+                     title: str | None = None) -> FlowReport:
+        """A report of a recorded run: the JSONL flight record's `Snapshot.to_dict()` records."""
+        from ..analyze.offline import report_from_records
+        return report_from_records(records, thresholds=thresholds, title=title)
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path, *, thresholds: Any = None, title: str | None = None) -> FlowReport:
+        from ..export.jsonl import read_snapshots
+        return cls.from_records(read_snapshots(path), thresholds=thresholds, title=title or f"Recorded run: {path}")
