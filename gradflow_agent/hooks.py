@@ -72,7 +72,22 @@ def select_layers(model: nn.Module, modules_cfg) -> tuple[list[Layer], int]:
     return chosen, skipped
 
 
-class HookManager:
+class HandleSet:
+    """Base of the classes that own hook handles (in `self._handles`): removes them all at once."""
+
+    _handles: list
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def handle_count(self) -> int:
+        return len(self._handles)
+
+
+class HookManager(HandleSet):
     """Registers and removes every hook; a hook that fails is counted and training goes on."""
 
     def __init__(self, layers: list[Layer], errors: ErrorCounter,
@@ -158,12 +173,3 @@ class HookManager:
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
         return self._optimizer
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    @property
-    def handle_count(self) -> int:
-        return len(self._handles)

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gradflow_agent.config import ConfigError, load_config
+from gradflow_agent.config import ConfigError, Section, load_config
 
 
 def _write_or_check(path: Path | None, text: str, check: bool) -> bool:
@@ -34,6 +34,17 @@ def _write_or_check(path: Path | None, text: str, check: bool) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return True
+
+
+def _load(args: argparse.Namespace, command: str) -> Section | None:
+    """The config named by --config; None (after a message on stderr) when it is invalid, unless --debug."""
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        if args.debug:
+            raise
+        print(f"gradflow-agent {command}: {exc}", file=sys.stderr)
+        return None
 
 
 def _rules_parser() -> argparse.ArgumentParser:
@@ -64,12 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     from gradflow_agent.alerting.rules import build_rule_groups, render_k8s, render_prometheus
 
     args = _rules_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        if args.debug:
-            raise
-        print(f"gradflow-agent rules: {exc}", file=sys.stderr)
+    cfg = _load(args, "rules")
+    if cfg is None:
         return 2
     groups = build_rule_groups(cfg, runbook_base_url=args.runbook_base_url, job_regex=args.job_regex,
                                alert_absent=args.alert_absent)
@@ -98,12 +105,8 @@ def dashboards_main(argv: list[str] | None = None) -> int:
         print(f"gradflow-agent dashboards: {exc}; install the pinned Grafana SDK: "
               f"pip install 'grafana-foundation-sdk==1769699379!11.6.0'", file=sys.stderr)
         return 2
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        if args.debug:
-            raise
-        print(f"gradflow-agent dashboards: {exc}", file=sys.stderr)
+    cfg = _load(args, "dashboards")
+    if cfg is None:
         return 2
     ok = True
     for name, model in build_dashboards(cfg).items():

@@ -103,6 +103,19 @@ def _band(low: float, high: float) -> db.ThresholdsConfig:
     return _steps((None, "red"), (low, "green"), (high, "red"))
 
 
+def _health() -> db.ThresholdsConfig:
+    """Red below 50, orange below 80, green above: the health score (0-100) bands."""
+    return _steps((None, "red"), (50, "orange"), (80, "green"))
+
+
+def _log10() -> cb.ScaleDistributionConfig:
+    return cb.ScaleDistributionConfig().type(cm.ScaleDistribution.LOG).log(10)
+
+
+def _last_value() -> cb.ReduceDataOptions:
+    return cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False)
+
+
 def _legend_table() -> cb.VizLegendOptions:
     return (cb.VizLegendOptions().display_mode(cm.LegendDisplayMode.TABLE).placement(cm.LegendPlacement.RIGHT)
             .show_legend(True).calcs(["lastNotNull", "max"]))
@@ -118,7 +131,7 @@ def _ts(p: _Panels, title: str, description: str, unit: str, targets: list[prom.
         panel = panel.thresholds(thresholds).thresholds_style(
             cb.GraphThresholdsStyleConfig().mode(cm.GraphThresholdsStyleMode.DASHED))
     if log:
-        panel = panel.scale_distribution(cb.ScaleDistributionConfig().type(cm.ScaleDistribution.LOG).log(10))
+        panel = panel.scale_distribution(_log10())
     if min_val is not None:
         panel = panel.min(min_val)
     if max_val is not None:
@@ -132,7 +145,7 @@ def _stat(p: _Panels, title: str, description: str, unit: str, targets: list[pro
     panel = p.common(stat.Panel(), title, description, unit, targets, span, height)
     panel = (panel.graph_mode(cm.BigValueGraphMode.AREA).color_mode(cm.BigValueColorMode.VALUE)
              .text_mode(text_mode)
-             .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False)))
+             .reduce_options(_last_value()))
     return panel.thresholds(thresholds if thresholds is not None else _steps((None, "blue")))
 
 
@@ -170,8 +183,17 @@ def _depth_profile(p: _Panels, title: str, description: str, unit: str, metric: 
              .legend(cb.VizLegendOptions().show_legend(False).display_mode(cm.LegendDisplayMode.LIST)
                      .placement(cm.LegendPlacement.BOTTOM)))
     if log:
-        panel = panel.scale_distribution(cb.ScaleDistributionConfig().type(cm.ScaleDistribution.LOG).log(10))
+        panel = panel.scale_distribution(_log10())
     return panel
+
+
+def _issue_timeline(p: _Panels, title: str, description: str, target: prom.Dataquery,
+                    height: int) -> statetimeline.Panel:
+    """A full-width state timeline of gradflow_issue: red while the detector flags a series."""
+    panel = p.common(statetimeline.Panel(), title, description, "none", [target], 24, height)
+    return (panel.show_value(cm.VisibilityMode.NEVER).merge_values(True).fill_opacity(80)
+            .thresholds(_steps((None, "transparent"), (1, "red")))
+            .color_scheme(db.FieldColor().mode(dm.FieldColorModeId.THRESHOLDS)))
 
 
 def _variables(layer_multi: bool, run_multi: bool) -> list[Any]:
@@ -294,8 +316,8 @@ def overview(th: Section) -> db.Dashboard:
                 f"(gradflow_layer_health_score{{{LAYER_SEL}}}))",
                 "{{layer}} ({{run}}/{{rank}})", instant=True)], 12, 8)
     worst = (worst.display_mode(cm.BarGaugeDisplayMode.GRADIENT).orientation(cm.VizOrientation.HORIZONTAL)
-             .min(0).max(100).thresholds(_steps((None, "red"), (50, "orange"), (80, "green")))
-             .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+             .min(0).max(100).thresholds(_health())
+             .reduce_options(_last_value())
              .data_links([_layer_link()]))
     d = d.with_panel(worst)
     d = d.with_panel(_ts(p, "Issues by kind",
@@ -379,7 +401,7 @@ def layers(th: Section) -> db.Dashboard:
     d = d.with_panel(_depth_profile(
         p, "Health score by depth",
         "Health score (0-100) of each layer now, in model order.", "none",
-        "gradflow_layer_health_score", _steps((None, "red"), (50, "orange"), (80, "green")), log=False))
+        "gradflow_layer_health_score", _health(), log=False))
 
     d = d.with_row(p.row("Stability"))
     d = d.with_panel(_ts(p, "Gradient turbulence",
@@ -393,14 +415,10 @@ def layers(th: Section) -> db.Dashboard:
                          "threshold.", "percentunit",
                          [_query(f"max by (layer) (gradflow_activation_dead_unit_ratio{{{LAYER_SEL}}})",
                                  "{{layer}}")], thresholds=_above(th.dead_unit_ratio), min_val=0, max_val=1))
-    issues = p.common(
-        statetimeline.Panel(), "Detector issues by layer",
-        "When the in-process detector flagged each layer, by issue kind (gradflow_issue).", "none",
-        [_query(f"max by (layer, kind) (gradflow_issue{{{LAYER_SEL}}})", "{{layer}} {{kind}}")], 24, 8)
-    issues = (issues.show_value(cm.VisibilityMode.NEVER).merge_values(True).fill_opacity(80)
-              .thresholds(_steps((None, "transparent"), (1, "red")))
-              .color_scheme(db.FieldColor().mode(dm.FieldColorModeId.THRESHOLDS)))
-    return d.with_panel(issues)
+    return d.with_panel(_issue_timeline(
+        p, "Detector issues by layer",
+        "When the in-process detector flagged each layer, by issue kind (gradflow_issue).",
+        _query(f"max by (layer, kind) (gradflow_issue{{{LAYER_SEL}}})", "{{layer}} {{kind}}"), 8))
 
 
 def layer(th: Section) -> db.Dashboard:
@@ -414,7 +432,7 @@ def layer(th: Section) -> db.Dashboard:
     d = d.with_panel(_stat(p, "Health score",
                            "Health score of the layer, 0 (broken) to 100 (healthy).", "none",
                            [_query(f"min(gradflow_layer_health_score{{{LAYER_SEL}}})", instant=True)],
-                           thresholds=_steps((None, "red"), (50, "orange"), (80, "green")), span=6))
+                           thresholds=_health(), span=6))
     d = d.with_panel(_stat(p, "Layer type and depth",
                            "Module class and position in model order (gradflow_layer_info).", "none",
                            [_query(f"gradflow_layer_info{{{LAYER_SEL}}}", "{{layer_type}} #{{index}}",
@@ -483,14 +501,10 @@ def layer(th: Section) -> db.Dashboard:
                          "threshold.", "none",
                          [_query(f"gradflow_update_ratio{{{LAYER_SEL}}}", RUN_LEGEND)],
                          thresholds=_below(th.stalled_update_ratio), log=True))
-    issues = p.common(
-        statetimeline.Panel(), "Detector issues",
-        "When the in-process detector flagged this layer, by issue kind (gradflow_issue).", "none",
-        [_query(f"max by (kind) (gradflow_issue{{{LAYER_SEL}}})", "{{kind}}")], 24, 5)
-    issues = (issues.show_value(cm.VisibilityMode.NEVER).merge_values(True).fill_opacity(80)
-              .thresholds(_steps((None, "transparent"), (1, "red")))
-              .color_scheme(db.FieldColor().mode(dm.FieldColorModeId.THRESHOLDS)))
-    return d.with_panel(issues)
+    return d.with_panel(_issue_timeline(
+        p, "Detector issues",
+        "When the in-process detector flagged this layer, by issue kind (gradflow_issue).",
+        _query(f"max by (kind) (gradflow_issue{{{LAYER_SEL}}})", "{{kind}}"), 5))
 
 
 #: File name under grafana/dashboards/ -> builder.

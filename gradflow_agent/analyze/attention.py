@@ -37,10 +37,7 @@ class AttentionAnalyzer(TransformerAnalyzer):
     def analyze(self, model: nn.Module | None = None, tokens: Any = None, labels: Any = NO_TARGET,  # type: ignore[override]
                 loss_fn: Callable[..., torch.Tensor] | None = None, steps: int = 5, *,
                 title: str | None = None) -> FlowReport:
-        model = model if model is not None else self.model
-        if model is None or loss_fn is None:
-            raise TypeError("analyze() needs a model and a loss_fn")
-        self.model = model
+        model = self._bind(model, loss_fn)
         report = self._run(model, batches_from(x=tokens, y=labels), loss_fn, steps, title)
         if self.num_heads is not None:
             wrong = {n: m.num_heads for n, m in model.named_modules()

@@ -132,6 +132,15 @@ class FlowEngine:
             exts.append(JacobianExtension())
         return exts
 
+    def _bind(self, model: nn.Module | None, loss_fn: Callable[..., torch.Tensor] | None) -> nn.Module:
+        """The model to analyse (the argument, else the constructor's), kept as self.model; both it and
+        loss_fn are required."""
+        model = model if model is not None else self.model
+        if model is None or loss_fn is None:
+            raise TypeError("analyze() needs a model and a loss_fn")
+        self.model = model
+        return model
+
     # -- the engine ----------------------------------------------------------------------------------------
     def _run(self, model: nn.Module, batch_fn: Callable[[], tuple[Any, Any]], loss_fn: Callable[..., torch.Tensor],
              steps: int, title: str | None = None) -> FlowReport:

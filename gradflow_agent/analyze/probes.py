@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from ..errors import ErrorCounter
-from ..hooks import Layer, _in_backward
+from ..hooks import HandleSet, Layer, _in_backward
 from ..stats.kinds import CHANNELS_FIRST, first_tensor
 
 
-class Probes:
+class Probes(HandleSet):
     """Owns the analyzers' hook handles; every callback is guarded."""
 
     def __init__(self, errors: ErrorCounter | None = None) -> None:
@@ -70,15 +70,6 @@ class Probes:
                 self.errors.record(name, exc)
 
         tensor.register_hook(hook)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    @property
-    def handle_count(self) -> int:
-        return len(self._handles)
 
 
 # -- effective rank -------------------------------------------------------------------------------------

@@ -36,10 +36,7 @@ class StandardAnalyzer(FlowEngine):
                 loss_fn: Callable[..., torch.Tensor] | None = None, steps: int = 10, *,
                 title: str | None = None) -> FlowReport:
         """Analyse model(x) with loss_fn(output, y) over `steps` passes; adds a layer-type section."""
-        model = model if model is not None else self.model
-        if model is None or loss_fn is None:
-            raise TypeError("analyze() needs a model and a loss_fn")
-        self.model = model
+        model = self._bind(model, loss_fn)
         report = self._run(model, batches_from(x=x, y=y), loss_fn, steps, title)
         stats = self.get_layer_type_stats()
         report.sections["layer_types"] = section(

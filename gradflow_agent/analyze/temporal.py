@@ -35,10 +35,7 @@ class TemporalAnalyzer(RecurrentAnalyzer):
                 loss_fn: Callable[..., torch.Tensor] | None = None, steps: int = 5, *,
                 title: str | None = None) -> FlowReport:
         """Analyse model(seqs) with loss_fn(output, targets); returns the report (temporal section included)."""
-        model = model if model is not None else self.model
-        if model is None or loss_fn is None:
-            raise TypeError("analyze() needs a model and a loss_fn")
-        self.model = model
+        model = self._bind(model, loss_fn)
         if self.sequence_length is not None and isinstance(seqs, torch.Tensor) and seqs.ndim >= 2:
             seqs = seqs[:, :self.sequence_length]
         return self._run(model, batches_from(x=seqs, y=targets), loss_fn, steps, title)

@@ -19,15 +19,6 @@ from gradflow_agent.analyze import pathologies as P
 X, Y = P.classification_data()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_gradient_scale():
     x = torch.randn(5, requires_grad=True)
     y = gradient_scale(x, 0.01)

@@ -6,18 +6,7 @@ import json
 import runpy
 from pathlib import Path
 
-import pytest
-import torch
-
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run(name: str, tmp_path: Path, *args: str) -> None:

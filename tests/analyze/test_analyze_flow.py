@@ -28,15 +28,6 @@ from gradflow_agent.analyze.probes import participation_ratio
 X, Y = P.classification_data()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(n)
-
-
 def ce(out: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out, Y)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 import gradflow_agent
@@ -26,15 +25,6 @@ from gradflow_agent.analyze.health import (
     pressure_penalty,
     turbulence_penalty,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("pressure,points", [(1.0, 0.0), (0.1, 0.0), (10.0, 0.0), (0.01, 25.0), (100.0, 25.0),

@@ -24,15 +24,6 @@ SEQ = 0.3 * torch.randn(16, 24, 4, generator=g)
 TARGET = torch.randint(0, 3, (16,), generator=g)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(n)
-
-
 def ce(out: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out, TARGET)
 

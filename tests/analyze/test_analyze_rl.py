@@ -19,15 +19,6 @@ TGT = torch.randn(32, 2, generator=g)
 LOSS = P.policy_loss(ACT, ADV, TGT)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(n)
-
-
 def extract(out):
     return out[0], out[1], out[2], None
 

@@ -24,15 +24,6 @@ TOK = torch.randint(0, 50, (16, 12), generator=g)
 LABEL = torch.randint(0, 5, (16,), generator=g)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(n)
-
-
 def ce(out: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out, LABEL)
 

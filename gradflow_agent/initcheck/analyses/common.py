@@ -1,12 +1,16 @@
-"""Small helpers shared by several analyses (mode switching, joint norms, non-finite counts)."""
+"""Small helpers shared by several analyses (mode switching, joint norms, non-finite counts, per-weight runs)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+
+from ..context import ModuleContext
+from ..result import AnalysisResult, skipped
+from .linalg import is_finite
 
 
 @contextlib.contextmanager
@@ -51,3 +55,24 @@ def nonfinite_counts(tensors: Iterable[torch.Tensor]) -> dict[str, int]:
 def abs_max(tensors: Iterable[torch.Tensor]) -> float:
     values = [float(t.detach().abs().max()) for t in tensors if t.numel()]
     return max(values) if values else 0.0
+
+
+def per_matrix(
+    ctx: ModuleContext, analysis_id: str, undefined: str, judge: Callable[[str, torch.Tensor], AnalysisResult]
+) -> list[AnalysisResult]:
+    """judge(name, weight) for every 2-D+ parameter; an error result, "contains NaN/Inf: {undefined}", for a
+    non-finite one; a skipped result when the module has none."""
+    matrices = ctx.matrices()
+    if not matrices:
+        return [skipped(analysis_id, "no parameter with two or more dimensions (no 2-D weight)")]
+    results = []
+    for name, p in matrices:
+        if not is_finite(p):
+            results.append(
+                AnalysisResult(
+                    f"{analysis_id}.{name}", None, False, f"contains NaN/Inf: {undefined}", "error", analysis_id
+                )
+            )
+            continue
+        results.append(judge(name, p))
+    return results

@@ -8,12 +8,12 @@ import torch
 
 from ..config import HealthyRanges
 from ..context import ModuleContext
-from ..result import AnalysisResult, skipped
+from ..result import AnalysisResult
+from .common import per_matrix
 from .linalg import (
     as_matrix,
     effective_rank,
     entropy_effective_rank,
-    is_finite,
     rank_tolerance,
     singular_values,
 )
@@ -58,15 +58,4 @@ def judge(name: str, value: dict[str, Any], ranges: HealthyRanges) -> AnalysisRe
 
 
 def run(ctx: ModuleContext) -> list[AnalysisResult]:
-    matrices = ctx.matrices()
-    if not matrices:
-        return [skipped(ID, "no parameter with two or more dimensions (no 2-D weight)")]
-    results = []
-    for name, p in matrices:
-        if not is_finite(p):
-            results.append(
-                AnalysisResult(f"{ID}.{name}", None, False, "contains NaN/Inf: rank undefined", "error", ID)
-            )
-            continue
-        results.append(judge(name, rank_summary(p), ctx.config.ranges))
-    return results
+    return per_matrix(ctx, ID, "rank undefined", lambda name, p: judge(name, rank_summary(p), ctx.config.ranges))

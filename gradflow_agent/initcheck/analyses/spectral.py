@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from ..context import ModuleContext
-from ..result import AnalysisResult, skipped
-from .linalg import as_matrix, condition_number, is_finite, singular_values
+from ..result import AnalysisResult
+from .common import per_matrix
+from .linalg import as_matrix, condition_number, singular_values
 
 ID = "spectral"
 MAX_LISTED = 1024  # singular values kept in the result (the largest ones); the count is always given
@@ -51,17 +52,7 @@ def judge(name: str, value: dict[str, Any], max_condition: float) -> AnalysisRes
 
 
 def run(ctx: ModuleContext) -> list[AnalysisResult]:
-    matrices = ctx.matrices()
-    if not matrices:
-        return [skipped(ID, "no parameter with two or more dimensions (no 2-D weight)")]
-    results = []
-    for name, p in matrices:
-        if not is_finite(p):
-            results.append(
-                AnalysisResult(
-                    f"{ID}.{name}", None, False, "contains NaN/Inf: spectrum undefined", "error", ID
-                )
-            )
-            continue
-        results.append(judge(name, spectrum(p), ctx.config.ranges.condition_number_max))
-    return results
+    def measure(name: str, p: torch.Tensor) -> AnalysisResult:
+        return judge(name, spectrum(p), ctx.config.ranges.condition_number_max)
+
+    return per_matrix(ctx, ID, "spectrum undefined", measure)
