@@ -33,6 +33,12 @@ N_COLS = len(COLS)
 _WIDE = (torch.float16, torch.bfloat16)
 
 
+def _nonzero(v: torch.Tensor) -> torch.Tensor:
+    """Non-zero elements of a finite tensor. `count_nonzero` branches per element and slows down ~6x on
+    outputs that are half zeros (ReLU: 315 us vs 16 us for sign().abs().sum() on 64K elements, here)."""
+    return torch.sign(v).abs_().sum(dtype=torch.float64)
+
+
 def strided_view(y: torch.Tensor, limit: int, keep: set[int]) -> torch.Tensor:
     """At most ~`limit` elements of `y`: every k-th index along leading dims not in `keep`."""
     factor = y.numel() / limit
@@ -47,7 +53,9 @@ def strided_view(y: torch.Tensor, limit: int, keep: set[int]) -> torch.Tensor:
         step = min(y.shape[d], math.ceil(factor))
         index[d] = slice(None, None, step)
         factor /= step
-    return y[tuple(index)]
+    # one small copy makes the view contiguous: reductions over strided tensors take several times longer
+    # (vector_norm over a (64, 1024) row-strided view: 100 us vs 12 us contiguous, measured here)
+    return y[tuple(index)].contiguous()
 
 
 class ActivationStats:
@@ -153,7 +161,7 @@ class ActivationStats:
         norm = (torch.linalg.vector_norm(view, dtype=torch.float32) if wide else
                 torch.linalg.vector_norm(view)).item()
         mn, mx = torch.aminmax(view)
-        nonzero = torch.count_nonzero(view).item() if kind.has_zeros else view.numel()
+        nonzero = _nonzero(view).item() if kind.has_zeros else view.numel()
         sat = self._saturated(kind, view).item() if kind.bounded else 0
         return [total, vsum, norm * norm, nonzero, sat, 0, 0, mn.item(), mx.item()]
 
@@ -167,7 +175,7 @@ class ActivationStats:
         vc = torch.where(vfinite, view, 0)
         view_nonfinite = view.numel() - vfinite.sum()
         mn, mx = torch.aminmax(vc)
-        nonzero = (torch.count_nonzero(vc) + view_nonfinite if kind.has_zeros else self._zero + view.numel())
+        nonzero = (_nonzero(vc) + view_nonfinite if kind.has_zeros else self._zero + view.numel())
         sat = self._saturated(kind, view) if kind.bounded else self._zero
         return [total, torch.sum(vc, dtype=acc), torch.linalg.vector_norm(vc, dtype=acc).square(), nonzero, sat,
                 nonfinite, view_nonfinite, mn, mx]
