@@ -100,6 +100,10 @@ class Agent:
         self.steps = 0
         self.skipped_optimizer_steps = 0
         self._opt_stepped = False  # an optimizer step happened since the last agent.step()
+        # A snapshot due at an optimizer step waits for the agent.step(loss=) that follows it (when the
+        # user calls one), so that an interval's loss is the loss of its own steps.
+        self._follows_with_step = False
+        self._publish_waiting = False
         self._losses: list[torch.Tensor | float] = []
         self._last_loss: float | None = None
         self._interval_start = 0
@@ -167,6 +171,10 @@ class Agent:
                 self._losses.append(loss.detach() if isinstance(loss, torch.Tensor) else float(loss))
             if self._opt_stepped:
                 self._opt_stepped = False
+                self._follows_with_step = True
+                if self._publish_waiting:
+                    self._publish_waiting = False
+                    self._publish(self._snapshot())
             else:
                 if self.hooks.optimizer is not None:
                     self.skipped_optimizer_steps += 1  # e.g. GradScaler found inf/NaN and skipped it
@@ -195,8 +203,12 @@ class Agent:
                     self.errors.record(plugin.name, exc)
             due = (self.steps - self._interval_start >= self.config.sampling.export_every_n_steps
                    or time.monotonic() - self._last_publish >= self.config.sampling.export_every_seconds)
-        if due:
-            self._publish(self._snapshot())
+        if due or self._publish_waiting:
+            if self._opt_stepped and self._follows_with_step and not self._publish_waiting:
+                self._publish_waiting = True  # published by the agent.step() that follows
+            else:
+                self._publish_waiting = False
+                self._publish(self._snapshot())
         self._overhead += time.perf_counter() - t0
 
     # -- snapshots --------------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ def run(pathology: str | None = None, steps: int = 400, port: int = 9464, addr: 
 
     from . import attach
     from .config import load_default, merge
-    from .report_console import health_table, issues_table
+    from .report.live import health_table, issues_table
 
     console = Console(quiet=quiet, width=None if Console().is_terminal else 130)
     cfg = merge(load_default(), DEMO_CONFIG, "demo defaults")

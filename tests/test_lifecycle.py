@@ -302,3 +302,23 @@ def test_loss_is_published_once_given_and_a_nan_loss_stays_nan():
     values = [v for m, _, v in samples(agent.snapshot(), agent.info) if m.name == "gradflow_loss"]
     agent.detach()
     assert len(values) == 1 and values[0] != values[0]
+
+
+def test_each_interval_publishes_the_loss_of_its_own_steps():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    agent = gradflow_agent.attach(model, config(sampling={"export_every_n_steps": 2}), optimizer=opt)
+    published = []
+    for loss in (1.0, 3.0, 5.0, 7.0):
+        model(torch.randn(2, 8)).sum().backward()
+        opt.step()  # the interval is due here, before the step's loss is known...
+        opt.zero_grad()
+        agent.step(loss=loss)  # ...and published here, with it
+        published.append((agent.latest.step, agent.latest.loss))
+    assert published == [(0, None), (2, 2.0), (2, 2.0), (4, 6.0)]
+    opt.step()
+    opt.step()  # due at step 6, held for the agent.step() that does not come...
+    assert agent.latest.step == 4
+    opt.step()  # ...so the next optimizer step publishes it: held back one step at most
+    assert agent.latest.step == 7
+    agent.detach()

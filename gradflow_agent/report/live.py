@@ -1,4 +1,4 @@
-"""Compact terminal views of a snapshot: a per-layer health table and an issue list (rich)."""
+"""Live views of a Snapshot for the terminal (the demo): a per-layer health table and an issue list."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 from rich.table import Table
 
-from .snapshot import Snapshot
+from ..snapshot import Snapshot
 
 
 def _fmt(x: float) -> str:
