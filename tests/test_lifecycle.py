@@ -322,3 +322,35 @@ def test_each_interval_publishes_the_loss_of_its_own_steps():
     opt.step()  # ...so the next optimizer step publishes it: held back one step at most
     assert agent.latest.step == 7
     agent.detach()
+
+
+def test_a_grad_scaler_is_reported_and_its_skipped_steps_counted():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    agent = gradflow_agent.attach(model, config(), optimizer=opt, scaler=scaler)
+    for step in range(4):
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        scaler.scale(loss).backward()
+        if step == 2:
+            model[0].weight.grad[0, 0] = float("inf")  # an overflow: the scaler skips this step
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        agent.step(loss=loss)
+    snap = agent.snapshot()
+    agent.detach()
+    assert snap.step == 4
+    assert snap.counters["optimizer_steps_skipped_total"] == 1
+    assert snap.counters["grad_scale"] == scaler.get_scale() == 512.0  # halved after the overflow
+    assert agent.info["amp_scaler"] == "true"
+
+
+def test_a_compiled_model_is_monitored_through_its_original_module(caplog):
+    model = _model()
+    compiled = torch.compile(model)  # lazy: nothing is compiled until it is called
+    with caplog.at_level(logging.WARNING, logger="gradflow_agent"):
+        agent = gradflow_agent.attach(compiled, config())
+    agent.detach()
+    assert agent.model is model and [layer.name for layer in agent.layers][:2] == ["0", "1"]
+    assert any("torch.compile" in r.getMessage() and "Attach first" in r.getMessage() for r in caplog.records)
