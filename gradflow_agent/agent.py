@@ -4,16 +4,29 @@ Data flows one way: hooks -> device buffers (stats/) -> one transfer per export 
 immutable Snapshot -> detectors -> exporters and recorders. The training thread pays for the hooks,
 one fold per step and one transfer per interval; exporters read the latest snapshot on their own
 threads.
+
+Fault containment: `attach()` is transactional (it returns a working agent or raises one error and
+leaves nothing behind); after it, every component runs under `ErrorCounter.guard`, so a failure is
+counted, logged once, visible on /metrics at the next snapshot and never raised into training; a
+component that keeps failing is disabled. `detach()` is bounded in time whatever the endpoints do.
+
+The step boundary is, in order of preference: the optimizer's step (given, or found through the
+process-wide optimizer hooks), `agent.step()` in a loop without an optimizer, or - when neither ever
+happens but the weights move (updates by hand) - the end of each backward pass.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import dataclasses
+import inspect
 import logging
 import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -22,7 +35,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .config import ConfigError, Section, load_config
+from .config import ConfigError, Section, check_runtime, load_config
 from .detect import diagnose
 from .errors import ErrorCounter
 from .export import build_exporters
@@ -31,10 +44,30 @@ from .snapshot import LAYER_STATS, Snapshot
 from .stats.activations import ActivationStats
 from .stats.engine import transfer
 from .stats.gradients import GradientStats
+from .stats.nonfinite import NonfiniteOrigin
 from .stats.output_grads import OutputGradStats
 from .stats.parameters import ParameterStats
 
 log = logging.getLogger("gradflow_agent")
+
+# detach() returns within this many seconds whatever any endpoint does (exporters close concurrently).
+DETACH_BUDGET_SECONDS = 1.8
+
+
+# Agents still attached when the interpreter exits are detached first (bounded): the last snapshot is
+# pushed and every thread joined before Python tears threads down under them.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _detach_at_exit() -> None:
+    for agent in list(_LIVE):
+        with contextlib.suppress(Exception):  # exiting anyway
+            agent.detach()
+
+
+class AttachError(RuntimeError):
+    """attach() could not start; nothing was left attached (no hook, thread, port or file)."""
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -53,6 +86,13 @@ def _distributed() -> tuple[int, int]:
     return 0, 0
 
 
+def _fingerprint(params: list[nn.Parameter]) -> torch.Tensor | None:
+    """A few elements of every parameter: tells whether the weights moved between two backward passes."""
+    with torch.no_grad():
+        parts = [p.detach().reshape(-1)[:: max(1, p.numel() // 8)].float() for p in params if p.numel()]
+        return torch.cat(parts).cpu() if parts else None
+
+
 class Agent:
     """Monitors one model; create it with `gradflow_agent.attach(model)`."""
 
@@ -62,7 +102,23 @@ class Agent:
             raise TypeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self._closed = False
+        self.exporters: list = []
+        self.plugins: list = []
+        self.hooks: HookManager | None = None
+        try:
+            self._start(model, config, optimizer, scaler)
+            _LIVE.add(self)
+        except BaseException as exc:
+            self._teardown(time.monotonic() + DETACH_BUDGET_SECONDS)
+            if isinstance(exc, (ConfigError, TypeError, KeyboardInterrupt, SystemExit)):
+                raise
+            raise AttachError(f"gradflow_agent.attach() failed and left nothing attached: "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+    def _start(self, model: nn.Module, config, optimizer, scaler) -> None:
         self.config: Section = load_config(config)
+        check_runtime(self.config)
         log.setLevel(self.config.log.level.upper())
         if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
             log.warning("gradflow_agent: the model is torch.compile'd; hooks go on the original module and "
@@ -81,24 +137,28 @@ class Agent:
             log.warning("gradflow_agent: %d layers left out by modules.max_layers=%d",
                         self.layers_skipped, cfg.modules.max_layers)
 
-        params, layer_of_param = self._trainable_params()
         L = len(self.layers)
+        self._owner = self._owners()
+        self._all_params = self._model_params()
         every = cfg.sampling.every_n_steps
         self._param_every = every * cfg.stats.parameters.every_n_steps
         rows = max(cfg.sampling.window, math.ceil(cfg.sampling.export_every_n_steps / every)) + 1
+        self.origin = NonfiniteOrigin(self.device)
         self.act = ActivationStats([layer.kind for layer in self.layers], self.device,
                                    margin=cfg.stats.activations.saturation_margin,
                                    dead_units=cfg.stats.activations.dead_units, window=cfg.sampling.window,
-                                   sample_elements=cfg.stats.activations.sample_elements)
-        self.grad = GradientStats(params, layer_of_param, L, self.device, rows=rows,
-                                  window=cfg.sampling.window)
-        self.param = ParameterStats(params, layer_of_param, L, self.device,
-                                    mode=cfg.stats.parameters.update_ratio,
-                                    sample_size=cfg.stats.parameters.sample_size, seed=cfg.stats.parameters.seed)
+                                   sample_elements=cfg.stats.activations.sample_elements, origin=self.origin)
+        # every parameter, frozen ones too: a layer unfrozen mid-run is read from its first gradient
+        self.grad = GradientStats(self._all_params, [self._owner.get(id(p), L) for p in self._all_params], L,
+                                  self.device, rows=rows, window=cfg.sampling.window, origin=self.origin)
+        self._trainable_sig: tuple[bool, ...] = ()
+        self.param = self._parameter_stats()
         self.out_grad = OutputGradStats(L, self.device)
 
         self.steps = 0
         self.skipped_optimizer_steps = 0
+        self._optimizer_steps = 0
+        self._scale_base = self._scale_version()
         self._opt_stepped = False  # an optimizer step happened since the last agent.step()
         # A snapshot due at an optimizer step waits for the agent.step(loss=) that follows it (when the
         # user calls one), so that an interval's loss is the loss of its own steps.
@@ -111,8 +171,8 @@ class Agent:
         self._overhead = 0.0
         self._lock = threading.RLock()
         self._latest: Snapshot | None = None
-        self._closed = False
-        self.plugins: list = []
+        self.boundary = "optimizer" if optimizer is not None else "unknown"
+        self._last_fingerprint: torch.Tensor | None = None
 
         output_grads = cfg.stats.gradients.enabled and cfg.stats.gradients.output_grads
         self.hooks = HookManager(self.layers, self.errors,
@@ -120,48 +180,117 @@ class Agent:
                                  self.out_grad.watch if output_grads else None)
         if cfg.stats.activations.enabled or output_grads:
             self.hooks.attach_forward()
-        self.hooks.attach_optimizer(optimizer, params, self._before_optimizer_step, self._after_optimizer_step)
+        self.hooks.attach_optimizer(optimizer, self._all_params, self._before_optimizer_step,
+                                    self._after_optimizer_step)
+        if optimizer is None:
+            self.hooks.watch_backward(model, self._backward_ended)
         if cfg.stats.parameters.enabled and self._param_due(1):
             self.param.take_before()
         self.exporters = build_exporters(self)
         if cfg.dynamics.enabled:
             from .dynamics import dynamics_from_config
             dynamics_from_config(self)
-        self._publish(self._snapshot())  # the endpoint serves the layer list from the start
+        self._publish(self._snapshot(strict=True))  # the endpoint serves the layer list from the start
 
-    def _trainable_params(self) -> tuple[list[nn.Parameter], list[int]]:
-        """Every trainable parameter once, with the index of the layer that owns it (L = none)."""
+    def _owners(self) -> dict[int, int]:
+        """id(parameter) -> index of the layer that owns it."""
         owner: dict[int, int] = {}
         for layer in self.layers:
             recurse = next(layer.module.children(), None) is None
             for p in layer.module.parameters(recurse=recurse):
                 owner.setdefault(id(p), layer.index)
-        params, index, seen = [], [], set()
+        return owner
+
+    def _model_params(self) -> list[nn.Parameter]:
+        params, seen = [], set()
         for p in self.model.parameters():
-            if p.requires_grad and id(p) not in seen:
+            if id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
-                index.append(owner.get(id(p), len(self.layers)))
-        return params, index
+        return params
+
+    def _parameter_stats(self) -> ParameterStats:
+        """Norms and update ratios over the parameters trained now (requires_grad)."""
+        trainable = [p for p in self._all_params if p.requires_grad]
+        self._trainable_sig = tuple(p.requires_grad for p in self._all_params)
+        cfg = self.config.stats.parameters
+        return ParameterStats(trainable, [self._owner.get(id(p), len(self.layers)) for p in trainable],
+                              len(self.layers), self.device, mode=cfg.update_ratio, sample_size=cfg.sample_size,
+                              seed=cfg.seed, origin=self.origin)
+
+    def _trainable_changed(self) -> bool:
+        """A layer was frozen or unfrozen since the parameter statistics were built: rebuild them."""
+        if tuple(p.requires_grad for p in self._all_params) == self._trainable_sig:
+            return False
+        old = self.param
+        self.param = self._parameter_stats()
+        self.param.carry_over(old)
+        log.info("gradflow_agent: the trainable parameters changed at step %d (%d now trainable)",
+                 self.steps, len(self.param.params))
+        return True
 
     # -- step boundaries --------------------------------------------------------------------------------
     def _param_due(self, step: int) -> bool:
         return self.config.stats.parameters.enabled and step % self._param_every == 0
 
-    def _before_optimizer_step(self) -> None:
+    def _read_gradients(self) -> None:
+        if self.hooks.active:
+            self.errors.guard("activations", self.act.fold)  # this step's forward comes first
         if self.hooks.active and self.config.stats.gradients.enabled:
-            self.grad.read(count_zeros=self._param_due(self.steps + 1))
+            self.errors.guard("gradients", self.grad.read, self._param_due(self.steps + 1))
+
+    def _before_optimizer_step(self) -> None:
+        self._read_gradients()
 
     def _after_optimizer_step(self) -> None:
         self._opt_stepped = True
+        self._optimizer_steps += 1
+        if self.boundary != "optimizer":
+            self._set_boundary("optimizer")
         self._boundary()
 
-    def step(self, loss: torch.Tensor | float | None = None) -> None:
-        """Mark the end of a training step (optional when the optimizer is known) and record the loss.
+    def _set_boundary(self, kind: str) -> None:
+        """Say once which step boundary is in use (and stop watching backward passes when not needed)."""
+        self.boundary = kind
+        if kind != "backward":
+            self.hooks.stop_watching_backward()
+        if kind == "agent_step":
+            log.info("gradflow_agent: step boundary: agent.step() (no optimizer step seen)")
+        elif kind == "backward":
+            log.info("gradflow_agent: step boundary: the end of each backward pass (the weights change "
+                     "without a torch.optim step; call agent.step() to choose the boundary yourself)")
 
-        Counted once per step: when an optimizer step already marked it, this only records the loss.
-        Without any optimizer step since the last call (no optimizer, or a GradScaler skipped the step),
-        the gradients are read here, so call it before `zero_grad()` in that case.
+    def _backward_ended(self) -> None:
+        """End of a backward pass (autograd callback): a boundary when weights are updated by hand."""
+        if self.boundary == "unknown" and not self._closed:
+            fingerprint = _fingerprint(self._all_params)
+            moved = self._last_fingerprint is not None and fingerprint is not None and \
+                not torch.equal(fingerprint, self._last_fingerprint)
+            self._last_fingerprint = fingerprint
+            if moved:
+                self._set_boundary("backward")
+        if self.boundary == "backward" and not self._closed:
+            self._read_gradients()
+            self._boundary()
+
+    def _scale_version(self) -> int:
+        scale = getattr(self.scaler, "_scale", None)
+        return scale._version if isinstance(scale, torch.Tensor) else 0
+
+    def _count_scaler_skips(self) -> None:
+        """GradScaler.update() changes the scale in place once per step: updates without an optimizer step
+        are steps the scaler skipped (inf/NaN gradients). Host-side version counters: no sync."""
+        if self.scaler is None or getattr(self.scaler, "_scale", None) is None:
+            return
+        updates = self._scale_version() - self._scale_base
+        self.skipped_optimizer_steps = max(self.skipped_optimizer_steps, updates - self._optimizer_steps)
+
+    def step(self, loss: torch.Tensor | float | None = None) -> None:
+        """Mark the end of a training step (optional when an optimizer steps) and record the loss.
+
+        With an optimizer, this only records the loss: call it on every micro-batch or once per step,
+        the step is the optimizer's. Without any optimizer, it is the step boundary and the gradients are
+        read here, so call it before `zero_grad()`.
         """
         if self._closed:
             return
@@ -169,17 +298,19 @@ class Agent:
         try:
             if loss is not None:
                 self._losses.append(loss.detach() if isinstance(loss, torch.Tensor) else float(loss))
+            self._count_scaler_skips()
             if self._opt_stepped:
                 self._opt_stepped = False
                 self._follows_with_step = True
                 if self._publish_waiting:
                     self._publish_waiting = False
                     self._publish(self._snapshot())
+            elif self.boundary == "optimizer" or self.scaler is not None:
+                pass  # a micro-batch of an accumulated step, or a step the GradScaler skipped
             else:
-                if self.hooks.optimizer is not None:
-                    self.skipped_optimizer_steps += 1  # e.g. GradScaler found inf/NaN and skipped it
-                elif self.hooks.active and self.config.stats.gradients.enabled:
-                    self.grad.read(count_zeros=self._param_due(self.steps + 1))
+                if self.boundary != "agent_step":
+                    self._set_boundary("agent_step")
+                self._read_gradients()
                 self._boundary()
         except Exception as exc:
             self.errors.record("step", exc)
@@ -187,20 +318,18 @@ class Agent:
 
     def _boundary(self) -> None:
         t0 = time.perf_counter()
+        guard = self.errors.guard
         with self._lock:
             if self.hooks.active:
-                self.act.end_step()
+                guard("activations", self.act.end_step)
             self.steps += 1
-            if self._param_due(self.steps):
-                self.param.measure(keep_as_before=self._param_due(self.steps + 1))
-            elif self._param_due(self.steps + 1):
-                self.param.take_before()
+            self.origin.step = self.steps  # the weights after this step's update
+            if self.config.stats.parameters.enabled:
+                guard("parameters", self._parameter_boundary)
+            self.origin.step = self.steps + 1  # the next step's forward and backward
             self.hooks.active = self.steps % self.config.sampling.every_n_steps == 0
             for plugin in self.plugins:
-                try:
-                    plugin.on_step(self)
-                except Exception as exc:
-                    self.errors.record(plugin.name, exc)
+                guard(plugin.name, plugin.on_step, self)
             due = (self.steps - self._interval_start >= self.config.sampling.export_every_n_steps
                    or time.monotonic() - self._last_publish >= self.config.sampling.export_every_seconds)
         if due or self._publish_waiting:
@@ -211,84 +340,139 @@ class Agent:
                 self._publish(self._snapshot())
         self._overhead += time.perf_counter() - t0
 
+    def _parameter_boundary(self) -> None:
+        measure, before = self._param_due(self.steps), self._param_due(self.steps + 1)
+        if not (measure or before):
+            return
+        if self._trainable_changed():  # the sample taken before no longer matches: start again
+            if before:
+                self.param.take_before()
+            return
+        if measure:
+            self.param.measure(keep_as_before=before)
+        else:
+            self.param.take_before()
+
     # -- snapshots --------------------------------------------------------------------------------------
-    def _snapshot(self) -> Snapshot:
-        """Fold, transfer once, and build the interval snapshot (with its diagnosis)."""
+    def _components(self) -> list[tuple[str, Any]]:
+        return [("activations", self.act), ("gradients", self.grad), ("parameters", self.param),
+                ("output_grads", self.out_grad), ("nonfinite_origin", self.origin)]
+
+    def _snapshot(self, strict: bool = False) -> Snapshot:
+        """Fold, transfer once, and build the interval snapshot (with its diagnosis).
+
+        Each component is guarded: one that fails leaves its statistics unknown (NaN, never healthy) and
+        the snapshot, with its error counts, is still published. `strict` (at attach) raises instead."""
         t0 = time.perf_counter()
+        failed: list[str] = []
+
+        def run(component, fn, *args):
+            if strict:
+                return fn(*args)
+            if not self.errors.enabled(component):
+                failed.append(component)
+                return None
+            out = self.errors.guard(component, fn, *args, default=failed, resets=False)
+            if out is failed:
+                failed.append(component)
+                return None
+            return out
+
         with self._lock:
-            losses = self._losses
-            self._losses = []
-            loss_parts = [torch.stack([torch.as_tensor(x, dtype=torch.float64).to(self.device).mean()
-                                       for x in losses]).mean().reshape(1)] if losses else []
-            scale = [self.scaler._scale.reshape(-1)[:1]] if getattr(self.scaler, "_scale", None) is not None \
-                else []
-            groups = [self.act.device_parts(), self.grad.device_parts(), self.param.device_parts(),
-                      loss_parts, scale, self.out_grad.device_parts()]
-            host = transfer(groups, self.device)
-            stats = {}
-            stats.update(self.act.finish(host[0]))
-            stats.update(self.grad.finish(host[1]))
-            stats.update(self.param.finish(host[2]))
-            stats.update(self.out_grad.finish(host[5]))
-            if host[3]:  # an interval without a loss keeps the last one (None until a loss is given)
-                self._last_loss = float(host[3][0][0])
+            losses, self._losses = self._losses, []
+            components = self._components()
+            parts = [run(name, obj.device_parts) for name, obj in components]
+            loss_parts = run("loss", self._loss_parts, losses) or []
+            scale = [self.scaler._scale.reshape(-1)[:1]] if isinstance(getattr(self.scaler, "_scale", None),
+                                                                       torch.Tensor) else []
+            groups = [p or [] for p in parts] + [loss_parts, scale]
+            host = run("transfer", transfer, groups, self.device)
+            if host is None:
+                host = [[] for _ in groups]
+                parts = [None] * len(parts)
+            stats: dict[str, Any] = {}
+            origin = None
+            for (name, obj), p, h in zip(components, parts, host):
+                if p is None:
+                    continue
+                result = run(name, obj.finish, h)
+                if name == "nonfinite_origin":
+                    origin = result
+                elif result is not None:
+                    stats.update(result)
+            loss_host = host[len(components)]
+            if loss_host:  # an interval without a loss keeps the last one (None until a loss is given)
+                self._last_loss = float(loss_host[0][0])
+            scale_host = host[len(components) + 1]
             interval = self.steps - self._interval_start
             self._interval_start = self.steps
             self._last_publish = time.monotonic()
+            self._count_scaler_skips()
         self._overhead += time.perf_counter() - t0
+        degraded = tuple(sorted(set(failed) | (self.errors.disabled & {n for n, _ in components})))
+        return self._build(stats, origin, interval, scale_host, degraded, strict)
+
+    def _loss_parts(self, losses: list) -> list[torch.Tensor]:
+        if not losses:
+            return []
+        return [torch.stack([torch.as_tensor(x, dtype=torch.float64).to(self.device).mean()
+                             for x in losses]).mean().reshape(1)]
+
+    def _build(self, stats: dict, origin, interval: int, scale_host: list, degraded: tuple[str, ...],
+               strict: bool) -> Snapshot:
+        L = len(self.layers)
+        nan, zeros = np.full(L, np.nan), np.zeros(L)
         counters = {
             "steps_total": float(self.steps),
             "overhead_seconds_total": self._overhead + self.hooks.overhead,
             "errors_total": float(self.errors.total),
-            "layers": float(len(self.layers)),
+            "layers": float(L),
             "layers_skipped": float(self.layers_skipped),
             "optimizer_steps_skipped_total": float(self.skipped_optimizer_steps),
         }
-        if host[4]:
-            counters["grad_scale"] = float(host[4][0][0])
+        if scale_host:
+            counters["grad_scale"] = float(scale_host[0][0])
         extra = []
         for plugin in self.plugins:
-            try:
-                extra.extend(plugin.collect())
-            except Exception as exc:
-                self.errors.record(plugin.name, exc)
+            extra.extend(self.errors.guard(plugin.name, plugin.collect, default=()) or ())
+        grad_norm = stats.get("grad_norm", float("nan"))
         snap = Snapshot(
             step=self.steps, time=time.time(), interval_steps=interval,
             layers=tuple(layer.name for layer in self.layers),
             layer_types=tuple(layer.type_name for layer in self.layers),
-            stats={k: np.asarray(stats[k], dtype=np.float64) for k in LAYER_STATS},
-            nonfinite={"grad": stats["nonfinite_grad"], "activation": stats["nonfinite_activation"],
-                       "param": stats["nonfinite_param"]},
-            grad_norm=stats["grad_norm"], loss=self._last_loss,
+            stats={k: np.asarray(stats.get(k, nan), dtype=np.float64) for k in LAYER_STATS},
+            nonfinite={"grad": np.asarray(stats.get("nonfinite_grad", zeros)),
+                       "activation": np.asarray(stats.get("nonfinite_activation", zeros)),
+                       "param": np.asarray(stats.get("nonfinite_param", zeros))},
+            grad_norm=grad_norm, loss=self._last_loss,
             counters=counters, errors=dict(self.errors.counts), extra=tuple(extra),
+            nonfinite_origin=origin, degraded=degraded,
+            disabled=tuple(sorted(self.errors.disabled)) + tuple(f"hook:{n}" for n in self.hooks.disabled_layers),
         )
-        return diagnose(snap, self.config.thresholds)
+        if strict:
+            return diagnose(snap, self.config.thresholds)
+        diagnosed = self.errors.guard("detect", diagnose, snap, self.config.thresholds)
+        if diagnosed is None:  # issues unknown: no health score is exported rather than a healthy one
+            return dataclasses.replace(snap.with_diagnosis((), np.full(L, np.nan)), errors=dict(self.errors.counts),
+                                       degraded=(*snap.degraded, "detect"))
+        return diagnosed
 
     def _publish(self, snap: Snapshot) -> None:
         self._latest = snap
         for exporter in self.exporters:
-            try:
-                exporter.publish(snap)
-            except Exception as exc:
-                self.errors.record(type(exporter).__name__, exc)
+            self.errors.guard(_component(exporter), exporter.publish, snap)
 
     # -- public API -------------------------------------------------------------------------------------
     def read_gradients(self) -> None:
         """Read the gradients now, as the optimizer step pre-hook does: for trainer integrations that own
         the step boundary (e.g. Lightning's `on_before_optimizer_step`). Follow with `end_optimizer_step`."""
         t0 = time.perf_counter()
-        try:
-            self._before_optimizer_step()
-        except Exception as exc:
-            self.errors.record("read_gradients", exc)
+        self.errors.guard("read_gradients", self._before_optimizer_step)
         self._overhead += time.perf_counter() - t0
 
     def end_optimizer_step(self) -> None:
         """Mark an optimizer step as done, as the optimizer step post-hook does (integrations)."""
-        try:
-            self._after_optimizer_step()
-        except Exception as exc:
-            self.errors.record("end_optimizer_step", exc)
+        self.errors.guard("end_optimizer_step", self._after_optimizer_step)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -310,7 +494,7 @@ class Agent:
         for exporter in self.exporters:
             register = getattr(exporter, "register", None)
             if register is not None:
-                register(plugin.metrics)
+                self.errors.guard(_component(exporter), register, plugin.metrics)
 
     @property
     def latest(self) -> Snapshot | None:
@@ -339,9 +523,10 @@ class Agent:
 
     @property
     def info(self) -> dict[str, str]:
+        source = {"optimizer": "optimizer_step_pre_hook", "agent_step": "agent_step",
+                  "backward": "backward_end"}.get(self.boundary, "optimizer_step_pre_hook")
         return {"version": __version__, "torch_version": torch.__version__, "device": self.device.type,
-                "grad_source": "optimizer_step_pre_hook" if self.hooks.optimizer is not None or
-                self.steps == 0 else "agent_step", "amp_scaler": "true" if self.scaler is not None else "false"}
+                "grad_source": source, "amp_scaler": "true" if self.scaler is not None else "false"}
 
     def constant_labels(self) -> dict[str, str]:
         labels = {"run": self.run_name, "rank": str(self.rank)}
@@ -349,25 +534,27 @@ class Agent:
         return labels
 
     def detach(self) -> None:
-        """Remove every hook, publish a last snapshot, stop every thread and server. Idempotent."""
+        """Remove every hook, publish a last snapshot, stop every thread and server. Idempotent, and
+        bounded: it returns within ~2 s whatever the endpoints do (a sink that cannot finish in time is
+        counted as an error)."""
         if self._closed:
             return
-        try:
-            self._publish(self._snapshot())
-        except Exception as exc:
-            self.errors.record("detach", exc)
+        deadline = time.monotonic() + DETACH_BUDGET_SECONDS
+        if self.hooks is not None:
+            self.hooks.remove()  # first: no hook may run into a half-closed agent
+            self.errors.guard("detach", lambda: self._publish(self._snapshot()))
+        self._teardown(deadline)
+
+    def _teardown(self, deadline: float) -> None:
+        """Release everything that exists (also after a failed attach): hooks, plug-ins, exporters."""
         self._closed = True
-        self.hooks.remove()
+        _LIVE.discard(self)
+        errors = getattr(self, "errors", None) or ErrorCounter()
+        if self.hooks is not None:
+            self.hooks.remove()
         for plugin in self.plugins:
-            try:
-                plugin.close()
-            except Exception as exc:
-                self.errors.record(plugin.name, exc)
-        for exporter in self.exporters:
-            try:
-                exporter.close()
-            except Exception as exc:
-                self.errors.record(type(exporter).__name__, exc)
+            errors.guard(plugin.name, plugin.close)
+        close_all(self.exporters, deadline, errors)
 
     def __enter__(self) -> Agent:
         return self
@@ -377,16 +564,44 @@ class Agent:
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
-            if not self._closed:
+            if not self._closed and self.hooks is not None:
                 self.hooks.remove()
         except Exception:
             pass
 
 
+def _component(exporter: Any) -> str:
+    return getattr(exporter, "name", None) or type(exporter).__name__
+
+
+def close_all(exporters: list, deadline: float, errors: ErrorCounter) -> None:
+    """Close every exporter concurrently, each given the same deadline; one still running at the
+    deadline is counted as an error and left to its (daemon) thread."""
+
+    def close(exporter):
+        try:
+            takes_deadline = bool(inspect.signature(exporter.close).parameters)
+        except (TypeError, ValueError):
+            takes_deadline = False
+        errors.guard(_component(exporter), exporter.close, *((deadline,) if takes_deadline else ()))
+
+    threads = [threading.Thread(target=close, args=(e,), name=f"gradflow-close-{_component(e)}", daemon=True)
+               for e in exporters]
+    for t in threads:
+        t.start()
+    for t, exporter in zip(threads, exporters):
+        t.join(max(0.0, deadline - time.monotonic()) + 0.1)
+        if t.is_alive():
+            errors.record(_component(exporter), TimeoutError(f"{_component(exporter)} did not close in time"))
+
+
 def attach(model: nn.Module, config: str | os.PathLike | Mapping[str, Any] | None = None, *,
            optimizer: torch.optim.Optimizer | None = None, scaler: Any = None) -> Agent:
-    """Attach the agent to `model`: hooks, device statistics and exporters, configured by `config`."""
+    """Attach the agent to `model`: hooks, device statistics and exporters, configured by `config`.
+
+    Returns a working agent, or raises `ConfigError` (a configuration problem, naming the key) or
+    `AttachError` (anything else), leaving no hook, thread, port or file behind."""
     return Agent(model, config=config, optimizer=optimizer, scaler=scaler)
 
 
-__all__ = ["Agent", "attach", "ConfigError"]
+__all__ = ["Agent", "AttachError", "attach", "ConfigError"]

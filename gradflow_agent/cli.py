@@ -25,9 +25,27 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from .config import load_config
-    cfg = load_config(args.file)
-    print(f"{args.file}: ok ({len(cfg)} sections)")
+    """What attach() would do with this config, without a model: one error line (exit 2) or `ok` (exit 0)."""
+    import os
+
+    from .config import DEFAULT_SOURCE, ENV_CONFIG_FILE, ConfigError, check_runtime, env_overrides, load_config
+    warnings: list[str] = []
+    try:
+        cfg = load_config(args.file, warn=warnings.append)
+        check_runtime(cfg)
+    except ConfigError as exc:
+        if args.debug:
+            raise
+        for warning in warnings:
+            print(f"gradflow-agent: warning: {warning}", file=sys.stderr)
+        print(f"gradflow-agent: error: {exc}", file=sys.stderr)
+        return 2
+    for warning in warnings:
+        print(f"gradflow-agent: warning: {warning}", file=sys.stderr)
+    name = args.file or os.environ.get(ENV_CONFIG_FILE) or DEFAULT_SOURCE
+    overrides = len(env_overrides(cfg))
+    from_env = f", {overrides} key{'s' if overrides != 1 else ''} from the environment" if overrides else ""
+    print(f"{name}: ok ({len(cfg)} sections{from_env})")
     return 0
 
 
@@ -47,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress or tables")
     demo.add_argument("--fail-on-issues", action="store_true", help="exit 1 when issues were detected")
     demo.set_defaults(func=_demo)
-    check = sub.add_parser("check-config", help="validate a YAML config file")
-    check.add_argument("file")
+    check = sub.add_parser("check-config", help="validate a config as attach() would (file, environment, machine)")
+    check.add_argument("file", nargs="?", help="YAML config (default: $GRADFLOW_CONFIG, else the defaults); "
+                                              "GRADFLOW_* variables apply either way")
     check.set_defaults(func=_check_config)
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)

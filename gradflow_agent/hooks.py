@@ -3,7 +3,11 @@
 Activations come from per-module forward hooks on the chosen layers. Gradients are read at the
 optimizer step boundary (a step pre-hook sees accumulated, DDP-averaged, unscaled gradients), never
 per micro-batch. Without an optimizer reference the process-wide optimizer hooks are used, locked onto
-the first optimizer that steps this model's parameters.
+the first optimizer that steps this model's parameters. Without any optimizer step, the end of each
+backward pass can be the step boundary (`watch_backward`).
+
+Hooks never travel with the model: `copy.deepcopy(model)` (EMA copies) and `torch.save(model)` see
+the modules as if the agent were not attached (see `_CopyWithoutAgentHooks`).
 """
 
 from __future__ import annotations
@@ -11,16 +15,23 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
-from collections.abc import Callable
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from .config import ConfigError
 from .errors import ErrorCounter
 from .stats.kinds import CHANNELS_FIRST, OutputKind, first_tensor, output_kind
 
 log = logging.getLogger("gradflow_agent")
+
+# A layer whose hook fails this many calls in a row is unhooked (the others go on).
+HOOK_DISABLE_AFTER = 20
 
 
 def _in_backward() -> bool:
@@ -44,11 +55,15 @@ def select_layers(model: nn.Module, modules_cfg) -> tuple[list[Layer], int]:
     """Layers to monitor, in model order, and how many more matched but were left out by the cap.
 
     A module qualifies when it matches the include/exclude globs and the type list, and is a leaf or
-    directly owns parameters (MultiheadAttention's in_proj_weight, an LSTM's weights).
+    directly owns parameters (MultiheadAttention's in_proj_weight, an LSTM's weights). A selection
+    that matches no module is a ConfigError (a silent zero-layer attach monitors nothing); an include
+    glob that matches no module is logged once.
     """
     chosen: list[Layer] = []
     skipped = 0
     types = set(modules_cfg.types)
+    names: list[str] = []
+    used_globs: set[str] = set()
     for name, module in model.named_modules():
         label = name or "(root)"
         is_leaf = next(module.children(), None) is None
@@ -57,7 +72,10 @@ def select_layers(model: nn.Module, modules_cfg) -> tuple[list[Layer], int]:
             continue
         if not modules_cfg.leaf_only and module is model and not owns:
             continue
-        if not any(fnmatch.fnmatchcase(label, g) for g in modules_cfg.include):
+        names.append(label)
+        matched = [g for g in modules_cfg.include if fnmatch.fnmatchcase(label, g)]
+        used_globs.update(matched)
+        if not matched:
             continue
         if any(fnmatch.fnmatchcase(label, g) for g in modules_cfg.exclude):
             continue
@@ -69,7 +87,106 @@ def select_layers(model: nn.Module, modules_cfg) -> tuple[list[Layer], int]:
             skipped += 1
             continue
         chosen.append(Layer(len(chosen), label, module, type(module).__name__, output_kind(module)))
+    unused = [g for g in modules_cfg.include if g not in used_globs]
+    if not chosen:
+        example = ", ".join(repr(n) for n in names[:4]) or "none"
+        raise ConfigError(f"modules: include {list(modules_cfg.include)}, exclude {list(modules_cfg.exclude)}, "
+                          f"types {list(modules_cfg.types)} select no layer of {type(model).__name__} "
+                          f"(its layers are named like {example})")
+    if unused:
+        log.warning("gradflow_agent: modules.include globs %s match no module of %s", unused,
+                    type(model).__name__)
     return chosen, skipped
+
+
+# -- hooks never travel with the model ------------------------------------------------------------------
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+_OWNED: weakref.WeakKeyDictionary[nn.Module, set[int]] = weakref.WeakKeyDictionary()
+
+
+class _CopyWithoutAgentHooks:
+    """A module's instance-level `__reduce_ex__`: deepcopy and pickle see it without the agent's hooks.
+
+    `copy.deepcopy` and `pickle` look `__reduce_ex__` up on the instance, so this covers EMA copies and
+    `torch.save(model)` without touching the model's class; the copy or the file carries no agent
+    hook (and loads where gradflow_agent is not installed).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = weakref.ref(module)
+
+    def __call__(self, protocol: int = 2) -> Any:
+        module = self._module()
+        rv = type(module).__reduce_ex__(module, protocol)
+        ours = _OWNED.get(module, set())
+        if not (isinstance(rv, tuple) and len(rv) > 2 and isinstance(rv[2], dict)):
+            return rv
+        state = dict(rv[2])
+        state.pop("__reduce_ex__", None)
+        for key in _HOOK_DICTS:
+            hooks = state.get(key)
+            if isinstance(hooks, Mapping) and any(k in ours for k in hooks):
+                state[key] = type(hooks)((k, v) for k, v in hooks.items() if k not in ours) \
+                    if isinstance(hooks, OrderedDict) else {k: v for k, v in hooks.items() if k not in ours}
+        return (*rv[:2], state, *rv[3:])
+
+
+def _own(module: nn.Module, handle) -> None:
+    _OWNED.setdefault(module, set()).add(handle.id)
+    if not isinstance(module.__dict__.get("__reduce_ex__"), _CopyWithoutAgentHooks):
+        module.__dict__["__reduce_ex__"] = _CopyWithoutAgentHooks(module)
+
+
+def _disown(module: nn.Module, handle) -> None:
+    ids = _OWNED.get(module)
+    if ids is not None:
+        ids.discard(handle.id)
+        if not ids:
+            del _OWNED[module]
+            if isinstance(module.__dict__.get("__reduce_ex__"), _CopyWithoutAgentHooks):
+                del module.__dict__["__reduce_ex__"]
+
+
+class _ModuleHandle:
+    """A module hook handle that also gives the module's copy protection back when removed."""
+
+    def __init__(self, module: nn.Module, handle) -> None:
+        self._module = weakref.ref(module)
+        self._handle = handle
+        _own(module, handle)
+
+    @property
+    def id(self) -> int:
+        return self._handle.id
+
+    def remove(self) -> None:
+        self._handle.remove()
+        module = self._module()
+        if module is not None:
+            _disown(module, self._handle)
+
+
+def add_module_hook(module: nn.Module, hook: Callable, *, pre: bool = False, with_kwargs: bool = False,
+                    always_call: bool = False) -> _ModuleHandle:
+    """Register a forward (pre-)hook that deepcopy/pickle of the model never carries. Every hook the
+    agent or its plug-ins put on a model goes through here."""
+    if pre:
+        handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+    else:
+        handle = module.register_forward_hook(hook, with_kwargs=with_kwargs, always_call=always_call)
+    return _ModuleHandle(module, handle)
+
+
+def tensors_of(output: object) -> list[torch.Tensor]:
+    """The tensors of a model output: a tensor, a tuple/list, or a mapping (Hugging Face ModelOutput)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for t in output if isinstance(t, torch.Tensor)]
+    return []
 
 
 class HandleSet:
@@ -88,7 +205,12 @@ class HandleSet:
 
 
 class HookManager(HandleSet):
-    """Registers and removes every hook; a hook that fails is counted and training goes on."""
+    """Registers and removes every hook; a hook that fails is counted and training goes on.
+
+    Forward passes under `torch.inference_mode()` (Lightning's validation, serving) are not measured,
+    by design: they are not training steps, and inference tensors cannot feed the agent's buffers.
+    Passes under `torch.no_grad()` are (activation checkpointing runs the first forward there).
+    """
 
     def __init__(self, layers: list[Layer], errors: ErrorCounter,
                  on_activation: Callable[[int, torch.Tensor, bool], None] | None,
@@ -103,35 +225,89 @@ class HookManager(HandleSet):
         self._channels_first = False  # layout of the latest parametric layer's output
         self._optimizer: torch.optim.Optimizer | None = None
         self._owned_params: set[int] = set()
+        self._fails = [0] * len(layers)  # consecutive failures per layer
+        self._on_backward_end: Callable[[], None] | None = None
+        self._backward_task = -2  # graph task whose end is already queued
 
     # -- activations ----------------------------------------------------------------------------------
     def attach_forward(self) -> None:
         for layer in self.layers:
-            self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer)))
+            self._handles.append(add_module_hook(layer.module, self._forward_hook(layer)))
 
     def _forward_hook(self, layer: Layer):
         sets_layout = next(layer.module.parameters(recurse=False), None) is not None
         layout = isinstance(layer.module, CHANNELS_FIRST)
-        index, observe, watch, errors = layer.index, self.on_activation, self.on_output, self.errors
+        index, observe, watch, errors, fails = layer.index, self.on_activation, self.on_output, self.errors, \
+            self._fails
 
         def hook(module, inputs, output):
-            if not self.active or _in_backward():
+            if not self.active or fails[index] < 0 or torch.is_inference_mode_enabled():
                 return
             t0 = time.perf_counter()
             try:
                 y = first_tensor(output)
                 if y is not None:
-                    if observe is not None:
+                    # a checkpointed region re-runs its forward during backward: the statistics were taken
+                    # in the first pass, but the re-run output is the one whose gradient is computed
+                    # (reentrant checkpointing runs the first pass under no_grad)
+                    if observe is not None and not _in_backward():
                         observe(index, y, self._channels_first)
                     if watch is not None:
                         watch(index, y)
                 if sets_layout or layout:
                     self._channels_first = layout
+                if fails[index]:
+                    fails[index] = 0
             except Exception as exc:  # never hurt the run
                 errors.record("hook", exc)
+                fails[index] += 1
+                if fails[index] >= HOOK_DISABLE_AFTER:
+                    fails[index] = -1
+                    log.warning("gradflow_agent: the hook of layer %r failed %d times in a row; that layer is "
+                                "no longer measured", layer.name, HOOK_DISABLE_AFTER)
             self.overhead += time.perf_counter() - t0
 
         return hook
+
+    @property
+    def disabled_layers(self) -> list[str]:
+        return [layer.name for layer, f in zip(self.layers, self._fails) if f < 0]
+
+    # -- end of backward (a step boundary for loops without an optimizer step) ------------------------
+    def watch_backward(self, model: nn.Module, on_end: Callable[[], None]) -> None:
+        """Call `on_end` once at the end of every backward pass through `model`'s outputs.
+
+        A tensor hook on each output starts it; `queue_callback` runs it once autograd has finished the
+        whole graph (every gradient accumulated). Turned off with `stop_watching_backward`."""
+        self._on_backward_end = on_end
+        self._handles.append(add_module_hook(model, self._root_forward_hook))
+
+    def stop_watching_backward(self) -> None:
+        self._on_backward_end = None
+
+    def _root_forward_hook(self, module, inputs, output) -> None:
+        if self._on_backward_end is None or not torch.is_grad_enabled() or _in_backward():
+            return
+        try:
+            for t in tensors_of(output):
+                if t.requires_grad:
+                    t.register_hook(self._output_grad_seen)
+        except Exception as exc:
+            self.errors.record("backward_hook", exc)
+
+    def _output_grad_seen(self, grad: torch.Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        if task != self._backward_task and self._on_backward_end is not None:
+            self._backward_task = task
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_ended)
+
+    def _backward_ended(self) -> None:
+        self._backward_task = -2
+        fn = self._on_backward_end
+        if fn is not None:
+            t0 = time.perf_counter()
+            self.errors.guard("backward_boundary", fn)
+            self.overhead += time.perf_counter() - t0
 
     # -- optimizer step boundary ---------------------------------------------------------------------
     def attach_optimizer(self, optimizer: torch.optim.Optimizer | None, params: list[nn.Parameter],
@@ -143,10 +319,7 @@ class HookManager(HandleSet):
                 if not self._is_ours(opt):
                     return
                 t0 = time.perf_counter()
-                try:
-                    fn()
-                except Exception as exc:
-                    self.errors.record(name, exc)
+                self.errors.guard(name, fn)
                 self.overhead += time.perf_counter() - t0
             return run
 
@@ -167,6 +340,8 @@ class HookManager(HandleSet):
             return opt is self._optimizer
         if any(id(p) in self._owned_params for g in opt.param_groups for p in g["params"]):
             self._optimizer = opt  # lock on: one optimizer defines the step
+            log.info("gradflow_agent: step boundary: %s.step() (found through the optimizer hooks)",
+                     type(opt).__name__)
             return True
         return False
 

@@ -37,10 +37,17 @@ class Snapshot:
     errors: Mapping[str, int] = field(default_factory=dict)  # component -> errors so far
     extra: tuple = ()  # (export.metrics.Metric, labels, value) published by plug-ins (Agent.add_plugin)
     issues: tuple = ()  # detect.Issue, filled in by the detectors
-    health: np.ndarray | None = None  # per-layer health score 0-100, filled in by the detectors
+    health: np.ndarray | None = None  # per-layer health score 0-100 (NaN: unknown), filled in by the detectors
+    # (step, layer index, tensor) where the first NaN/Inf appeared (stats/nonfinite.py), None if none yet
+    nonfinite_origin: tuple[int, int, str] | None = None
+    degraded: tuple[str, ...] = ()  # statistics components that failed for this snapshot (their data: NaN)
+    disabled: tuple[str, ...] = ()  # components switched off after repeated failures ("hook:<layer>": one layer)
 
     def with_diagnosis(self, issues: tuple, health: np.ndarray) -> Snapshot:
         return dataclasses.replace(self, issues=tuple(issues), health=health)
+
+    def _layer_name(self, index: int) -> str | None:
+        return self.layers[index] if 0 <= index < len(self.layers) else None
 
     def layer(self, name: str) -> dict[str, float]:
         """All statistics of one layer, by name."""
@@ -69,6 +76,11 @@ class Snapshot:
             "step": self.step, "time": self.time, "interval_steps": self.interval_steps,
             "grad_norm": clean(self.grad_norm), "loss": clean(self.loss),
             "counters": dict(self.counters), "errors": dict(self.errors),
+            "nonfinite_origin": None if self.nonfinite_origin is None else
+            dict(zip(("step", "layer", "tensor"), (self.nonfinite_origin[0],
+                                                   self._layer_name(self.nonfinite_origin[1]),
+                                                   self.nonfinite_origin[2]))),
+            "degraded": list(self.degraded), "disabled": list(self.disabled),
             "issues": [i.to_dict() for i in self.issues], "layers": layers,
             "extra": [{"name": m.name, "labels": labels, "value": clean(v)} for m, labels, v in self.extra],
         }

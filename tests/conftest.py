@@ -30,3 +30,19 @@ def config(**sections) -> dict:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def train(model, opt, steps=20, agent=None, seed=0) -> list[float]:
+    """`steps` optimizer steps of a regression on 8 inputs (the small test models), with `agent.step`."""
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(16, 8, generator=g)
+        loss = (model(x) - x[:, :1]).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if agent is not None:
+            agent.step(loss=loss)
+        losses.append(loss.item())
+    return losses

@@ -2,7 +2,8 @@
 
 score = 100 - sum of penalties of the layer's open issues, floored at 0, where a critical issue costs
 50, a warning 25 and an info 10. A layer with no issue scores 100; one with a critical and a warning
-issue scores 25. Layers without any statistics still score 100 (nothing is known to be wrong).
+issue scores 25. Unknown is never healthy: a layer without any statistic yet, or whose statistics
+could not be computed in this snapshot (a failing component), has no score (NaN, not exported).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import numpy as np
 PENALTY = {"critical": 50.0, "warning": 25.0, "info": 10.0}
 
 
-def health_scores(layers: tuple[str, ...], issues) -> np.ndarray:
+def health_scores(layers: tuple[str, ...], issues, known: np.ndarray | None = None) -> np.ndarray:
     score = np.full(len(layers), 100.0)
+    if known is not None:
+        score[~known] = np.nan
     index = {name: i for i, name in enumerate(layers)}
     for issue in issues:
         i = index[issue.layer]
-        score[i] = max(0.0, score[i] - PENALTY[issue.severity])
+        score[i] = max(0.0, (100.0 if np.isnan(score[i]) else score[i]) - PENALTY[issue.severity])
     return score

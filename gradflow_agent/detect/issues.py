@@ -42,6 +42,7 @@ class Issue:
     step: int
     message: str
     recommendation: str
+    first_step: int | None = None  # when the condition started, where known (nonfinite: the first NaN/Inf)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -2,9 +2,9 @@
 
 Each detector reads one snapshot and the `thresholds:` config section. NaN (no data) never triggers.
 Every detector is silent until `warmup_steps` optimizer steps have passed. Non-finite values are
-attributed to the layer where they start (the first in forward order whose output went non-finite;
-failing that, the deepest layer with a non-finite gradient, where backward begins), not to every
-layer downstream of it.
+attributed to where and when they started: the first step with a non-finite value, and the layer where
+it appeared first in that step (forward outputs in call order, then gradients from the deepest layer,
+then the weights after the update; stats/nonfinite.py), not to every layer it spread to.
 """
 
 from __future__ import annotations
@@ -80,7 +80,15 @@ def stalled(snap: Snapshot, th) -> list[Issue]:
 
 
 def nonfinite(snap: Snapshot, th) -> list[Issue]:
-    """Non-finite values seen so far (they ruin a run, so the issue stays), where they start."""
+    """Non-finite values seen so far (they ruin a run, so the issue stays), where and when they started."""
+    affected = np.flatnonzero(sum(np.asarray(c) for c in snap.nonfinite.values()) > 0)
+    origin = snap.nonfinite_origin
+    if origin is not None and 0 <= origin[1] < len(snap.layers):
+        step, i, tensor = origin
+        count = snap.nonfinite[tensor][i]
+        return [Issue("nonfinite", snap.layers[i], "critical", float(count), 0.0, snap.step,
+                      f"non-finite {tensor} values first at step {step} in this layer "
+                      f"({len(affected)} layers affected so far)", RECOMMENDATIONS["nonfinite"], int(step))]
     for tensor, pick in (("activation", 0), ("grad", -1), ("param", 0)):
         counts = snap.nonfinite[tensor]
         fresh = np.flatnonzero(counts > 0)

@@ -75,7 +75,8 @@ class DynamicsPlugin:
             return
         self._agent = agent
         if self.fixed_inputs is None and self.config.capture_inputs:
-            self._handle = agent.model.register_forward_pre_hook(self._capture, with_kwargs=True)
+            from ..hooks import add_module_hook  # deepcopy/torch.save of the model never carry it
+            self._handle = add_module_hook(agent.model, self._capture, pre=True, with_kwargs=True)
         if self.manager.snapshot is None:
             self.manager.capture_baseline(agent.model, step=agent.steps)
 

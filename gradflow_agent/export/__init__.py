@@ -1,4 +1,9 @@
-"""Exporters and recorders: each reads published snapshots only. One file per sink."""
+"""Exporters and recorders: each reads published snapshots only. One file per sink.
+
+Every sink has `publish(snap)` and `close(deadline)` (an absolute `time.monotonic()`; it returns by
+then). A sink that cannot start raises: `attach()` then releases what was started and reports one
+error, rather than training on with a sink silently left out.
+"""
 
 from __future__ import annotations
 
@@ -10,32 +15,31 @@ log = logging.getLogger("gradflow_agent")
 
 
 def build_exporters(agent) -> list:
-    """The sinks the config turns on. A sink that cannot start is reported and left out; training goes on."""
+    """The sinks the config turns on, each named by its component (the `component` label of errors).
+
+    Sinks are appended to `agent.exporters` as they start, so that a failure of a later one leaves the
+    earlier ones for `attach()` to close."""
     cfg = agent.config.exporters
-    sinks: list = []
+    sinks = agent.exporters
     prometheus = None
     if cfg.prometheus.enabled:
-        try:
-            from .prometheus import PrometheusExporter
-            prometheus = PrometheusExporter(agent, cfg.prometheus)
-            sinks.append(prometheus)
-        except Exception as exc:
-            agent.errors.record("prometheus", exc)
-    if prometheus is not None and cfg.prometheus.pushgateway.url:
+        from .prometheus import PrometheusExporter
+        prometheus = PrometheusExporter(agent, cfg.prometheus)
+        prometheus.name = "prometheus"
+        sinks.append(prometheus)
+    if cfg.prometheus.pushgateway.url:
+        from .prometheus import snapshot_registry
         from .pushgateway import PushgatewaySink
-        sink = PushgatewaySink(prometheus.registry, cfg.prometheus.pushgateway, agent.constant_labels())
+        # pushing needs no HTTP server: a job that cannot be scraped pushes its own registry
+        registry = prometheus.registry if prometheus is not None else snapshot_registry(agent)
+        sink = PushgatewaySink(registry, cfg.prometheus.pushgateway, agent.constant_labels())
         sinks.append(BackgroundSink(sink, agent.errors, "pushgateway"))
     if cfg.otel.enabled:
-        try:
-            from .otel import OtelExporter
-            sinks.append(OtelExporter(agent, cfg.otel))
-        except Exception as exc:
-            agent.errors.record("otel", exc)
+        from .otel import OtelExporter
+        otel = OtelExporter(agent, cfg.otel)
+        otel.name = "otel"
+        sinks.append(otel)
     if cfg.jsonl.enabled:
-        try:
-            from .jsonl import JsonlRecorder
-            sinks.append(BackgroundSink(JsonlRecorder(cfg.jsonl.path, agent.constant_labels()), agent.errors,
-                                        "jsonl"))
-        except Exception as exc:
-            agent.errors.record("jsonl", exc)
+        from .jsonl import JsonlRecorder
+        sinks.append(BackgroundSink(JsonlRecorder(cfg.jsonl.path, agent.constant_labels()), agent.errors, "jsonl"))
     return sinks

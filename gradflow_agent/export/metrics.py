@@ -99,12 +99,16 @@ RUN_METRICS = {
     "snapshot_time": Metric("gradflow_last_snapshot_timestamp_seconds", "gauge",
                             "Unix time of the latest published snapshot.", "s"),
 }
+DISABLED = Metric("gradflow_agent_component_disabled", "gauge",
+                  "1 when a part of the agent was switched off after repeated failures (hook:<layer> for one "
+                  "layer's hook).", labels=("component",))
 ERRORS = Metric("gradflow_agent_errors_total", "counter", "Errors caught inside the agent (training continued).",
                 labels=("component",))
 AGENT_INFO = Metric("gradflow_agent_info", "info", "Agent version and where it reads gradients.",
                     labels=("version", "torch_version", "device", "grad_source", "amp_scaler"))
 
-ALL = (*LAYER_GAUGES.values(), HEALTH, ISSUE, NONFINITE, LAYER_INFO, *RUN_METRICS.values(), ERRORS, AGENT_INFO)
+ALL = (*LAYER_GAUGES.values(), HEALTH, ISSUE, NONFINITE, LAYER_INFO, *RUN_METRICS.values(), ERRORS, DISABLED,
+       AGENT_INFO)
 
 
 def samples(snap: Snapshot, info: dict[str, str]) -> Iterator[tuple[Metric, dict[str, str], float]]:
@@ -115,7 +119,8 @@ def samples(snap: Snapshot, info: dict[str, str]) -> Iterator[tuple[Metric, dict
                 yield metric, {"layer": name}, float(value)
     if snap.health is not None:
         for name, value in zip(snap.layers, snap.health):
-            yield HEALTH, {"layer": name}, float(value)
+            if not math.isnan(value):  # unknown is never exported as healthy
+                yield HEALTH, {"layer": name}, float(value)
     for issue in snap.issues:
         yield ISSUE, {"layer": issue.layer, "kind": issue.kind}, 1.0
     for tensor, counts in snap.nonfinite.items():
@@ -130,6 +135,8 @@ def samples(snap: Snapshot, info: dict[str, str]) -> Iterator[tuple[Metric, dict
             yield metric, {}, float(value)
     for component in sorted(set(snap.errors) | {"hook"}):
         yield ERRORS, {"component": component}, float(snap.errors.get(component, 0))
+    for component in getattr(snap, "disabled", ()):
+        yield DISABLED, {"component": component}, 1.0
     yield AGENT_INFO, dict(info), 1.0
     for metric, labels, value in snap.extra:  # plug-in metrics (training dynamics, ...)
         if not math.isnan(value):

@@ -71,7 +71,8 @@ class GradflowCallback(TrainerCallback):
         if self.dynamics_plugin is None and self.dynamics is not None and self.dynamics is not False:
             cfg = None if self.dynamics is True else self.dynamics
             self.dynamics_plugin = attach_dynamics(self.agent, cfg, inputs=self.probe_inputs)
-        self._handle = self.agent.model.register_forward_hook(self._on_forward, with_kwargs=True)
+        from ..hooks import add_module_hook  # deepcopy/torch.save of the model never carry it
+        self._handle = add_module_hook(self.agent.model, self._on_forward, with_kwargs=True)
 
     def _on_forward(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         if not (module.training and torch.is_grad_enabled()):  # evaluation, or the dynamics analysis

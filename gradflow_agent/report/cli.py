@@ -49,13 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     fmt = _format(args)
     try:
-        from ..export.jsonl import read_snapshots
+        from ..export.jsonl import describe_skipped, scan_snapshots
         from .flow_report import FlowReport
 
         src = Path(args.snapshots)
         if not src.is_file():
             raise FileNotFoundError(f"{src}: no such file")
-        records = read_snapshots(src)
+        records, skipped = scan_snapshots(src)  # a torn last line (a killed run) is skipped, not fatal
+        if skipped and not args.quiet:
+            print(f"gradflow-agent report: warning: {describe_skipped(src, skipped)}", file=sys.stderr)
         if not records:
             raise ValueError(f"{src}: no snapshot records")
         report = FlowReport.from_records(records, thresholds=_thresholds(args.config),
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         s = report.summary()
         print(f"{out}: {fmt} report of {len(records)} snapshots, {s['layers']} layers, overall health "
-              f"{s['overall_score']:.0f} ({s['overall_status']}), {s['issues']} issues")
+              f"{s['overall_score']:.0f} ({s['overall_status']}), {s['issues']} issues"
+              + (f", {len(skipped)} undecodable lines skipped" if skipped else ""))
     return 0
 
 

@@ -60,9 +60,10 @@ def strided_view(y: torch.Tensor, limit: int, keep: set[int]) -> torch.Tensor:
 
 class ActivationStats:
     def __init__(self, kinds: list[OutputKind], device: torch.device, *, margin: float, dead_units: bool,
-                 window: int, sample_elements: int = 0, robust: bool | None = None) -> None:
+                 window: int, sample_elements: int = 0, robust: bool | None = None, origin=None) -> None:
         self.kinds = kinds
         self.device = device
+        self.origin = origin  # NonfiniteOrigin: where NaN/Inf first appeared
         self.margin = margin
         self.track_dead = dead_units
         self.window = window
@@ -198,6 +199,8 @@ class ActivationStats:
         row[3] += nonzero
         row[4] += sat
         row[5] += nonfinite
+        if nonfinite and self.origin is not None:
+            self.origin.note_host(i, 0)
         row[6] += view_nonfinite
         row[7] = max(row[7], -mn, mx)
 
@@ -223,6 +226,8 @@ class ActivationStats:
         v = torch.stack(self._pending).view(-1, N_COLS + 2).double()
         self._pending, self._pending_idx = [], []
         self.acc.index_add_(0, idx, v[:, :N_COLS])
+        if self.origin is not None:  # calls are in forward order
+            self.origin.note(idx, v[:, COLS.index("nonfinite")], 0)
         self.absmax.scatter_reduce_(0, idx, torch.maximum(-v[:, N_COLS], v[:, N_COLS + 1]).float(), "amax")
 
     def end_step(self) -> None:

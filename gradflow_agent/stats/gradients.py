@@ -21,11 +21,13 @@ def _dense(g: torch.Tensor) -> torch.Tensor:
 
 class GradientStats:
     def __init__(self, params: list[torch.nn.Parameter], layer_of_param: list[int], n_layers: int,
-                 device: torch.device, *, rows: int, window: int, robust: bool | None = None) -> None:
+                 device: torch.device, *, rows: int, window: int, robust: bool | None = None,
+                 origin=None) -> None:
         self.params = params
         self.n_layers = n_layers
         self.device = device
         self.window = window
+        self.origin = origin
         self.robust = device.type != "cpu" if robust is None else robust
         self.layer_idx = torch.tensor(layer_of_param, dtype=torch.long, device=device)
         n = len(params)
@@ -49,7 +51,8 @@ class GradientStats:
             return
         self.pos = (self.pos + 1) % self.ring.shape[0]
         row = self.ring[self.pos]
-        grads = [p.grad for p in self.params]
+        # a frozen parameter has no gradient now, even if a stale one is left in .grad (frozen mid-run)
+        grads = [p.grad if p.requires_grad else None for p in self.params]
         if all(g is not None for g in grads):
             present, dense = range(len(grads)), [_dense(g) for g in grads]
         else:
@@ -86,6 +89,8 @@ class GradientStats:
         bad = torch.stack([(~f).sum() for f in finite]).double()
         idx = self.layer_idx if len(present) == len(self.params) else self.layer_idx[list(present)]
         self.nonfinite.index_add_(0, idx, bad)
+        if self.origin is not None:  # backward runs from the deepest layer
+            self.origin.note(idx, bad, 1, last=True)
         clean = [torch.where(f, g, 0) for f, g in zip(finite, dense)]
         return torch.stack(torch._foreach_norm(clean)).float()
 

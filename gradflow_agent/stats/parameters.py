@@ -15,9 +15,10 @@ import torch
 
 class ParameterStats:
     def __init__(self, params: list[torch.nn.Parameter], layer_of_param: list[int], n_layers: int,
-                 device: torch.device, *, mode: str, sample_size: int, seed: int) -> None:
+                 device: torch.device, *, mode: str, sample_size: int, seed: int, origin=None) -> None:
         self.params = params
         self.n_layers = n_layers
+        self.origin = origin
         self.device = device
         self.mode = mode
         self.layer_idx = torch.tensor(layer_of_param, dtype=torch.long, device=device)
@@ -79,6 +80,8 @@ class ParameterStats:
             if self.device.type != "cpu" or bool(bad.any()):
                 counts = torch.stack([(~torch.isfinite(p)).sum() for p in detached]).double()
                 self.nonfinite.index_add_(0, self.layer_idx, counts)
+                if self.origin is not None:
+                    self.origin.note(self.layer_idx, counts, 2)
             sq = torch.where(bad, 0.0, norms.square())
             self.norm_sq.zero_().index_add_(0, self.layer_idx, sq)
             if self.mode == "off" or self._before is None:
@@ -111,6 +114,12 @@ class ParameterStats:
                     self._before = after
             else:
                 self._before = None
+
+    def carry_over(self, old: ParameterStats) -> None:
+        """The trainable set changed and this replaces `old`: keep the run's non-finite counts, and the
+        last update ratio of layers that are still trained (a frozen layer's ratio is no longer known)."""
+        self.nonfinite.copy_(old.nonfinite)
+        self._last_ratio = np.where(self._has_params, old._last_ratio, np.nan)
 
     def device_parts(self) -> list[torch.Tensor]:
         L = self.n_layers
