@@ -583,7 +583,10 @@ def close_all(exporters: list, deadline: float, errors: ErrorCounter) -> None:
             takes_deadline = bool(inspect.signature(exporter.close).parameters)
         except (TypeError, ValueError):
             takes_deadline = False
-        errors.guard(_component(exporter), exporter.close, *((deadline,) if takes_deadline else ()))
+        try:  # never through guard(): a sink disabled after repeated failures must still stop its threads
+            exporter.close(*((deadline,) if takes_deadline else ()))
+        except Exception as exc:
+            errors.record(_component(exporter), exc)
 
     threads = [threading.Thread(target=close, args=(e,), name=f"gradflow-close-{_component(e)}", daemon=True)
                for e in exporters]

@@ -362,3 +362,24 @@ def test_gradient_accumulation_with_an_unnamed_optimizer_is_not_mistaken_for_han
     snap = agent.snapshot()
     agent.detach()
     assert agent.boundary == "optimizer" and snap.step == 4
+
+
+def test_a_sink_disabled_after_repeated_failures_is_still_closed_at_detach():
+    agent = gradflow_agent.attach(_model(), config(sampling={"export_every_n_steps": 1}))
+
+    class Flaky:
+        name = "flaky"
+        closed = False
+
+        def publish(self, snap):
+            raise ConnectionError("endpoint down")
+
+        def close(self, deadline=None):
+            Flaky.closed = True
+
+    agent.exporters.append(Flaky())
+    for _ in range(25):
+        agent.snapshot()
+    assert not agent.errors.enabled("flaky")
+    agent.detach()
+    assert Flaky.closed
