@@ -10,12 +10,14 @@ from typing import Any
 
 import numpy as np
 
-# Per-layer statistics (gauges), in export order. NaN means "no data for this layer".
+# Per-layer statistics, in export order. NaN means "no data for this layer". Each is exported as a gauge
+# (export/metrics.py LAYER_GAUGES) except the views only the detectors judge (`update_ratio_last`: the
+# latest measured update ratio, where `update_ratio` is the interval's mean).
 LAYER_STATS = (
     "grad_pressure", "grad_pressure_max", "grad_turbulence", "grad_velocity", "grad_zero_ratio",
     "activation_mean", "activation_std", "activation_absmax", "activation_zero_ratio",
     "activation_dead_unit_ratio", "activation_saturation_ratio", "param_norm", "update_ratio",
-    "output_grad_norm",
+    "output_grad_norm", "update_ratio_last",
 )
 NONFINITE_TENSORS = ("grad", "activation", "param")
 

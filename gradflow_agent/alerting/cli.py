@@ -52,10 +52,11 @@ def _rules_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="gradflow-agent rules",
-        description="Write the Prometheus alerting and recording rules for a config's thresholds.")
+        description="Write the Prometheus alert rules (from the rule table and a config's thresholds).")
     parser.add_argument("--config", help="agent config file (YAML); default: the built-in defaults")
-    parser.add_argument("--format", choices=("prometheus", "k8s"), default="prometheus",
-                        help="a Prometheus rule file, or a prometheus-operator PrometheusRule resource")
+    parser.add_argument("--format", choices=("prometheus", "k8s", "promtool-tests"), default="prometheus",
+                        help="a Prometheus rule file, a prometheus-operator PrometheusRule resource, or the "
+                             "promtool unit tests proving the alerts fire exactly where the detector does")
     parser.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
     parser.add_argument("--check", action="store_true", help="exit 1 if the output file differs")
     parser.add_argument("--runbook-base-url", default=RUNBOOK_BASE_URL,
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     source = args.config or "config/default.yaml"
     if args.format == "k8s":
         text = render_k8s(groups, source, name=args.name, namespace=args.namespace)
+    elif args.format == "promtool-tests":
+        from gradflow_agent.alerting.agreement import render_promtool_tests
+        text = render_promtool_tests(cfg, source)
     else:
         text = render_prometheus(groups, source)
     return 0 if _write_or_check(args.output, text, args.check) else 1

@@ -29,8 +29,9 @@ from grafana_foundation_sdk.models import dashboard as dm
 from grafana_foundation_sdk.models import heatmap as hm
 from grafana_foundation_sdk.models import prometheus as pm
 
-from gradflow_agent.alerting.rules import ALERTS, NONFINITE_NEW
+from gradflow_agent.alerting.rules import ALERTS
 from gradflow_agent.config import Section, load_config
+from gradflow_agent.detect.health import CRITICAL_MAX, HEALTHY_MIN
 
 SDK_REQUIREMENT = "grafana-foundation-sdk==1769699379!11.6.0"
 
@@ -104,8 +105,8 @@ def _band(low: float, high: float) -> db.ThresholdsConfig:
 
 
 def _health() -> db.ThresholdsConfig:
-    """Red below 50, orange below 80, green above: the health score (0-100) bands."""
-    return _steps((None, "red"), (50, "orange"), (80, "green"))
+    """The health score's bands (detect/health.py): red up to CRITICAL_MAX, orange below 100, green at 100."""
+    return _steps((None, "red"), (CRITICAL_MAX + 1, "orange"), (HEALTHY_MIN, "green"))
 
 
 def _log10() -> cb.ScaleDistributionConfig:
@@ -269,11 +270,12 @@ def overview(th: Section) -> db.Dashboard:
                            "Same thresholds as the alert rules, but without their `for:` delay.", "none",
                            [_query(f"count(gradflow_issue{{{RUN_SEL}}}) or vector(0)", instant=True)],
                            thresholds=_above(1)))
-    d = d.with_panel(_stat(p, "Non-finite values (5m)",
-                           "NaN/Inf elements seen in gradients, activations and parameters in the last 5 "
-                           f"minutes (recording rule {NONFINITE_NEW}; any value fires NonFiniteValues).",
-                           "none",
-                           [_query(f"sum({NONFINITE_NEW}{{{RUN_SEL}}}) or vector(0)", instant=True)],
+    d = d.with_panel(_stat(p, "Non-finite values (recent)",
+                           "NaN/Inf elements seen in gradients, activations and parameters over the last "
+                           "rate interval (gradflow_nonfinite_total); NonFiniteValues fires on the layer where "
+                           "the first appeared.", "none",
+                           [_query(f"sum(increase(gradflow_nonfinite_total{{{RUN_SEL}}}[$__rate_interval])) "
+                                   "or vector(0)", instant=True)],
                            thresholds=_above(1)))
     d = d.with_panel(_stat(p, "Firing gradflow alerts",
                            "gradflow alerts firing now in this Prometheus (ALERTS series).", "none",
@@ -437,9 +439,10 @@ def layer(th: Section) -> db.Dashboard:
                            "Module class and position in model order (gradflow_layer_info).", "none",
                            [_query(f"gradflow_layer_info{{{LAYER_SEL}}}", "{{layer_type}} #{{index}}",
                                    instant=True)], text_mode=cm.BigValueTextMode.NAME, span=6))
-    d = d.with_panel(_stat(p, "Non-finite values (5m)",
-                           "NaN/Inf elements seen in this layer's tensors in the last 5 minutes.", "none",
-                           [_query(f"sum({NONFINITE_NEW}{{{LAYER_SEL}}}) or vector(0)", instant=True)],
+    d = d.with_panel(_stat(p, "Non-finite values (recent)",
+                           "NaN/Inf elements seen in this layer's tensors over the last rate interval.", "none",
+                           [_query(f"sum(increase(gradflow_nonfinite_total{{{LAYER_SEL}}}[$__rate_interval])) "
+                                   "or vector(0)", instant=True)],
                            thresholds=_above(1), span=6))
     d = d.with_panel(_stat(p, "Firing alerts",
                            "gradflow alerts firing on this layer now.", "none",

@@ -11,6 +11,27 @@ from __future__ import annotations
 import numpy as np
 
 PENALTY = {"critical": 50.0, "warning": 25.0, "info": 10.0}
+# Bands of the score, for dashboards and reports: a layer at or below CRITICAL_MAX is as bad as one
+# critical issue; HEALTHY_MIN (no issue at all) is healthy; anything between is a warning.
+CRITICAL_MAX = 100.0 - PENALTY["critical"]
+HEALTHY_MIN = 100.0
+STATUSES = ("healthy", "warning", "critical", "unknown")
+
+
+def band(score: float) -> str:
+    """The band of a layer's score: healthy, warning, critical, or unknown (NaN)."""
+    if score != score:
+        return "unknown"
+    return "healthy" if score >= HEALTHY_MIN else ("critical" if score <= CRITICAL_MAX else "warning")
+
+
+def overall_status(issues) -> str:
+    """A run's status follows its worst issue (never an average of scores): critical, warning, healthy."""
+    worst = max((SEVERITY_ORDER.index(i.severity) for i in issues), default=-1)
+    return "healthy" if worst < 1 else SEVERITY_ORDER[worst]
+
+
+SEVERITY_ORDER = ("info", "warning", "critical")
 
 
 def health_scores(layers: tuple[str, ...], issues, known: np.ndarray | None = None) -> np.ndarray:

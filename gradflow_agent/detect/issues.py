@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-KINDS = ("vanishing", "exploding", "dead", "nonfinite", "unstable", "saturated", "stalled")
-SEVERITIES = ("info", "warning", "critical")
+from .spec import KINDS, SEVERITIES  # noqa: F401 - defined once, in the rule table
 
 RECOMMENDATIONS = {
     "vanishing": "Gradients die before reaching this layer: use a variance-preserving initialisation "

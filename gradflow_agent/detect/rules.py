@@ -1,7 +1,7 @@
-"""In-process detectors: the same conditions, on the same statistics, as the shipped alert rules.
+"""In-process detectors: the rule table (detect/spec.py) evaluated on one snapshot.
 
-Each detector reads one snapshot and the `thresholds:` config section. NaN (no data) never triggers.
-Every detector is silent until `warmup_steps` optimizer steps have passed. Non-finite values are
+Each rule reads one snapshot and the `thresholds:` config section. NaN (no data) never triggers.
+Every threshold rule is silent until `warmup_steps` optimizer steps have passed. Non-finite values are
 attributed to where and when they started: the first step with a non-finite value, and the layer where
 it appeared first in that step (forward outputs in call order, then gradients from the deepest layer,
 then the weights after the update; stats/nonfinite.py), not to every layer it spread to.
@@ -13,70 +13,41 @@ import numpy as np
 
 from ..snapshot import Snapshot
 from .issues import RECOMMENDATIONS, Issue
+from .spec import RULES, Rule, severity_rank
+
+# How a statistic reads in an issue message.
+LABELS = {
+    "grad_pressure": "gradient pressure", "grad_turbulence": "gradient turbulence (coefficient of variation)",
+    "activation_dead_unit_ratio": "units that never fired over the window",
+    "activation_zero_ratio": "outputs exactly zero", "activation_saturation_ratio": "outputs saturated",
+    "update_ratio_last": "update-to-weight ratio",
+}
+_RATIOS = {"activation_dead_unit_ratio", "activation_zero_ratio", "activation_saturation_ratio"}
 
 
-def _above(values: np.ndarray, threshold: float) -> np.ndarray:
-    with np.errstate(invalid="ignore"):
-        return np.nan_to_num(values, nan=-np.inf) > threshold
+def _fmt(statistic: str, value: float) -> str:
+    return f"{value:.0%}" if statistic in _RATIOS else f"{value:.3g}"
 
 
-def _below(values: np.ndarray, threshold: float) -> np.ndarray:
-    with np.errstate(invalid="ignore"):
-        return np.nan_to_num(values, nan=np.inf) < threshold
-
-
-def _issue(snap: Snapshot, kind: str, i: int, severity: str, value: float, threshold: float,
-           message: str) -> Issue:
-    return Issue(kind, snap.layers[i], severity, float(value), float(threshold), snap.step, message,
-                 RECOMMENDATIONS[kind])
-
-
-def vanishing(snap: Snapshot, th) -> list[Issue]:
-    p = snap.stats["grad_pressure"]
-    return [_issue(snap, "vanishing", i, "critical" if p[i] < th.vanishing / 100 else "warning", p[i],
-                   th.vanishing, f"gradient pressure {p[i]:.3g} < {th.vanishing:g}")
-            for i in np.flatnonzero(_below(p, th.vanishing))]
-
-
-def exploding(snap: Snapshot, th) -> list[Issue]:
-    p = snap.stats["grad_pressure"]
-    return [_issue(snap, "exploding", i, "critical", p[i], th.exploding,
-                   f"gradient pressure {p[i]:.3g} > {th.exploding:g}")
-            for i in np.flatnonzero(_above(p, th.exploding))]
-
-
-def dead(snap: Snapshot, th) -> list[Issue]:
-    units = snap.stats["activation_dead_unit_ratio"]
-    zeros = snap.stats["activation_zero_ratio"]
-    relu = ~np.isnan(units)
+def evaluate(rule: Rule, snap: Snapshot, th) -> list[Issue]:
+    """The issues of one threshold rule in a snapshot: one per layer where a condition holds."""
     out = []
-    for i in np.flatnonzero(relu & (_above(units, th.dead_unit_ratio) | _above(zeros, th.dead_ratio))):
-        severity = "critical" if units[i] >= 0.99 or zeros[i] >= 0.999 else "warning"
-        out.append(_issue(snap, "dead", i, severity, units[i], th.dead_unit_ratio,
-                          f"{units[i]:.0%} of units never fired over the window; "
-                          f"{zeros[i]:.0%} of outputs are exactly zero"))
+    required = snap.stats[rule.requires] if rule.requires else None
+    for i in range(len(snap.layers)):
+        if required is not None and np.isnan(required[i]):
+            continue
+        for cond in rule.conditions:
+            value, threshold = float(snap.stats[cond.statistic][i]), float(th[cond.threshold])
+            if not cond.holds(value, threshold):
+                continue
+            severity = "critical" if cond.critical(value, threshold) else rule.severity
+            sign = ">" if cond.op == "above" else "<"
+            message = (f"{LABELS.get(cond.statistic, cond.statistic)} {_fmt(cond.statistic, value)} {sign} "
+                       f"{_fmt(cond.statistic, threshold)}")
+            out.append(Issue(rule.kind, snap.layers[i], severity, value, threshold, snap.step, message,
+                             RECOMMENDATIONS[rule.kind]))
+            break
     return out
-
-
-def unstable(snap: Snapshot, th) -> list[Issue]:
-    t = snap.stats["grad_turbulence"]
-    return [_issue(snap, "unstable", i, "warning", t[i], th.unstable_cv,
-                   f"gradient turbulence (coefficient of variation) {t[i]:.2f} > {th.unstable_cv:g}")
-            for i in np.flatnonzero(_above(t, th.unstable_cv))]
-
-
-def saturated(snap: Snapshot, th) -> list[Issue]:
-    s = snap.stats["activation_saturation_ratio"]
-    return [_issue(snap, "saturated", i, "warning", s[i], th.saturation_ratio,
-                   f"{s[i]:.0%} of outputs saturated (> {th.saturation_ratio:.0%})")
-            for i in np.flatnonzero(_above(s, th.saturation_ratio))]
-
-
-def stalled(snap: Snapshot, th) -> list[Issue]:
-    r = snap.stats["update_ratio"]
-    return [_issue(snap, "stalled", i, "warning", r[i], th.stalled_update_ratio,
-                   f"update-to-weight ratio {r[i]:.2g} < {th.stalled_update_ratio:g}")
-            for i in np.flatnonzero(_below(r, th.stalled_update_ratio))]
 
 
 def nonfinite(snap: Snapshot, th) -> list[Issue]:
@@ -95,19 +66,17 @@ def nonfinite(snap: Snapshot, th) -> list[Issue]:
         if len(fresh):
             i = fresh[pick]
             count = counts[i]
-            return [_issue(snap, "nonfinite", i, "critical", count, 0.0,
-                           f"{count:.0f} non-finite {tensor} values (first of {len(fresh)} affected layers)")]
+            return [Issue("nonfinite", snap.layers[i], "critical", float(count), 0.0, snap.step,
+                          f"{count:.0f} non-finite {tensor} values (first of {len(fresh)} affected layers)",
+                          RECOMMENDATIONS["nonfinite"])]
     return []
 
 
-DETECTORS = (vanishing, exploding, dead, unstable, saturated, stalled)
-
-
 def detect(snap: Snapshot, th) -> list[Issue]:
-    """Every issue in this snapshot, most severe first."""
+    """Every issue in this snapshot (the rule table of detect/spec.py), most severe first."""
     issues = nonfinite(snap, th)
-    if snap.step > th.warmup_steps:
-        for detector in DETECTORS:
-            issues.extend(detector(snap, th))
-    order = {"critical": 0, "warning": 1, "info": 2}
-    return sorted(issues, key=lambda x: (order[x.severity], snap.layers.index(x.layer)))
+    past_warmup = snap.step > th.warmup_steps
+    for rule in RULES:
+        if rule.conditions and (past_warmup or not rule.warmup):
+            issues.extend(evaluate(rule, snap, th))
+    return sorted(issues, key=lambda x: (-severity_rank(x.severity), snap.layers.index(x.layer)))

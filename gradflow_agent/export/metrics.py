@@ -76,8 +76,10 @@ LAYER_GAUGES = {
 }
 HEALTH = Metric("gradflow_layer_health_score", "gauge", "Layer health score, 0 (critical) to 100 (healthy).",
                 labels=LAYER)
-ISSUE = Metric("gradflow_issue", "gauge", "1 while the in-process detector flags this issue kind on the layer.",
-               labels=("layer", "kind"))
+ISSUE = Metric("gradflow_issue", "gauge", "1 while the in-process detector flags this issue kind on the layer, "
+               "with its severity (the verdict the alert rules fire on).", labels=("layer", "kind", "severity"))
+ISSUE_VALUE = Metric("gradflow_issue_value", "gauge", "The value of the statistic the detector judged for this "
+                     "issue (what the alert reports).", labels=("layer", "kind"))
 NONFINITE = Metric("gradflow_nonfinite_total", "counter", "Non-finite (NaN/Inf) elements seen in the layer.",
                    labels=("layer", "tensor"))
 LAYER_INFO = Metric("gradflow_layer_info", "info", "The layer's module type and depth index.",
@@ -107,8 +109,8 @@ ERRORS = Metric("gradflow_agent_errors_total", "counter", "Errors caught inside 
 AGENT_INFO = Metric("gradflow_agent_info", "info", "Agent version and where it reads gradients.",
                     labels=("version", "torch_version", "device", "grad_source", "amp_scaler"))
 
-ALL = (*LAYER_GAUGES.values(), HEALTH, ISSUE, NONFINITE, LAYER_INFO, *RUN_METRICS.values(), ERRORS, DISABLED,
-       AGENT_INFO)
+ALL = (*LAYER_GAUGES.values(), HEALTH, ISSUE, ISSUE_VALUE, NONFINITE, LAYER_INFO, *RUN_METRICS.values(), ERRORS,
+       DISABLED, AGENT_INFO)
 
 
 def samples(snap: Snapshot, info: dict[str, str]) -> Iterator[tuple[Metric, dict[str, str], float]]:
@@ -122,7 +124,9 @@ def samples(snap: Snapshot, info: dict[str, str]) -> Iterator[tuple[Metric, dict
             if not math.isnan(value):  # unknown is never exported as healthy
                 yield HEALTH, {"layer": name}, float(value)
     for issue in snap.issues:
-        yield ISSUE, {"layer": issue.layer, "kind": issue.kind}, 1.0
+        yield ISSUE, {"layer": issue.layer, "kind": issue.kind, "severity": issue.severity}, 1.0
+        if math.isfinite(issue.value):
+            yield ISSUE_VALUE, {"layer": issue.layer, "kind": issue.kind}, float(issue.value)
     for tensor, counts in snap.nonfinite.items():
         for name, value in zip(snap.layers, counts):
             yield NONFINITE, {"layer": name, "tensor": tensor}, float(value)

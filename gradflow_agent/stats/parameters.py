@@ -28,10 +28,12 @@ class ParameterStats:
         self.norm_sq = torch.zeros(L1, dtype=torch.float64, device=device)  # last measured, per layer
         self.ratio_sum = torch.zeros(L1, dtype=torch.float64, device=device)
         self.ratio_n = torch.zeros(L1, dtype=torch.float64, device=device)
+        self.ratio_last = torch.full((L1,), float("nan"), dtype=torch.float64, device=device)  # latest measure
         self.nonfinite = torch.zeros(L1, dtype=torch.float64, device=device)
         self._before: list[torch.Tensor] | torch.Tensor | None = None
         self._measured = False
         self._last_ratio = np.full(n_layers, np.nan)
+        self._latest_ratio = np.full(n_layers, np.nan)
         gen = torch.Generator().manual_seed(seed)
         self._index: list[torch.Tensor | None] = []
         sample_param, scale = [], []
@@ -106,6 +108,7 @@ class ParameterStats:
             ok = torch.isfinite(ratio) & (w_layer > 0)
             self.ratio_sum += torch.where(ok, ratio, 0.0)
             self.ratio_n += ok.double()
+            self.ratio_last.copy_(torch.where(ok, ratio, self.ratio_last))
             self._measured = True
             if keep_as_before:
                 if after is None:
@@ -120,20 +123,23 @@ class ParameterStats:
         last update ratio of layers that are still trained (a frozen layer's ratio is no longer known)."""
         self.nonfinite.copy_(old.nonfinite)
         self._last_ratio = np.where(self._has_params, old._last_ratio, np.nan)
+        self._latest_ratio = np.where(self._has_params, old._latest_ratio, np.nan)
 
     def device_parts(self) -> list[torch.Tensor]:
         L = self.n_layers
-        return [self.norm_sq[:L], self.ratio_sum[:L], self.ratio_n[:L], self.nonfinite[:L]]
+        return [self.norm_sq[:L], self.ratio_sum[:L], self.ratio_n[:L], self.nonfinite[:L], self.ratio_last[:L]]
 
     def finish(self, host: list[np.ndarray]) -> dict[str, np.ndarray]:
-        norm_sq, ratio_sum, ratio_n, nonfinite = host
+        norm_sq, ratio_sum, ratio_n, nonfinite, ratio_last = host
         if ratio_n.any():
             with np.errstate(invalid="ignore", divide="ignore"):
                 self._last_ratio = np.where(ratio_n > 0, ratio_sum / ratio_n, self._last_ratio)
+            self._latest_ratio = np.where(ratio_n > 0, ratio_last, self._latest_ratio)
         self.ratio_sum.zero_()
         self.ratio_n.zero_()
         return {
             "param_norm": np.where(self._has_params & self._measured, np.sqrt(norm_sq), np.nan),
             "update_ratio": self._last_ratio.copy(),
+            "update_ratio_last": self._latest_ratio.copy(),
             "nonfinite_param": nonfinite,
         }

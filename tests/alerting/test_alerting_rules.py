@@ -70,6 +70,43 @@ def test_promtool_unit_tests_pass() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_checked_in_unit_tests_are_the_output_for_the_default_config() -> None:
+    from gradflow_agent.alerting.agreement import render_promtool_tests
+    expected = render_promtool_tests(_default_cfg())
+    assert (UNIT_TESTS / "gradflow-alerts.test.yml").read_text(encoding="utf-8") == expected, (
+        "deploy/prometheus/tests/gradflow-alerts.test.yml is stale: run `gradflow-agent rules --format "
+        "promtool-tests -o deploy/prometheus/tests/gradflow-alerts.test.yml`")
+
+
+def test_alerts_fire_exactly_where_the_detector_reports_and_a_drift_fails(tmp_path: Path) -> None:
+    """The detector's issues on synthetic snapshots are the expected alerts (severity and layer included);
+    a rule that drifts from the verdict (here: ignoring the severity) makes promtool fail."""
+    from gradflow_agent.alerting.agreement import promtool_tests
+    from gradflow_agent.alerting.rules import ALERTS as SHIPPED
+
+    custom = load_config({"thresholds": {"vanishing": 3e-4, "dead_unit_ratio": 0.3, "warmup_steps": 7}}, {})
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "tests").mkdir()
+    doc = promtool_tests(custom)
+    expected = {(a["exp_labels"]["alertname"] if "alertname" in a["exp_labels"] else c["alertname"],
+                 a["exp_labels"]["severity"], a["exp_labels"]["layer"])
+                for t in doc["tests"] for c in t["alert_rule_test"] for a in c["exp_alerts"]
+                if "layer" in a["exp_labels"]}
+    assert {name for name, _, _ in expected} == {a.name for a in SHIPPED} - {"GradflowAgentDown"}
+    assert ("GradientVanishing", "critical", "vanishing.c0.escalates") in expected
+    assert ("DeadNeurons", "critical", "dead.c1.escalates") in expected
+    assert not [e for e in expected if e[2].endswith((".healthy", ".at_threshold", ".nan", ".unknown"))]
+    (tmp_path / "tests" / "t.test.yml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    rules = render_prometheus(build_rule_groups(custom))
+    (tmp_path / "rules" / "gradflow-alerts.yml").write_text(rules, encoding="utf-8")
+    result = _promtool("test", "rules", "t.test.yml", cwd=tmp_path / "tests")
+    assert result.returncode == 0, result.stdout + result.stderr
+    drifted = rules.replace(', severity="critical"}', "}")
+    (tmp_path / "rules" / "gradflow-alerts.yml").write_text(drifted, encoding="utf-8")
+    result = _promtool("test", "rules", "t.test.yml", cwd=tmp_path / "tests")
+    assert result.returncode != 0
+
+
 def test_unit_tests_cover_every_alert_firing_and_quiet() -> None:
     """For every alert: an evaluation where it fires and one (earlier, inside `for:`) where it does not."""
     firing, quiet = set(), set()
@@ -97,6 +134,11 @@ def test_alert_names_and_labels_follow_the_contract() -> None:
     for rule in rules:
         if "record" in rule:
             assert re.fullmatch(r"[a-z_]+:gradflow_[a-z_]+:[a-z0-9_]+", rule["record"]), rule["record"]
+    from gradflow_agent.detect.spec import RULES
+    for spec in RULES:  # one alert per severity the rule can report, with the rule's `for:`
+        mine = [r for r in alerts if r["alert"] == spec.alert]
+        assert [r["labels"]["severity"] for r in mine] == list(spec.severities)
+        assert {r["for"] for r in mine} == {spec.for_}
 
 
 def test_per_layer_alerts_aggregate_by_the_five_identity_labels() -> None:
@@ -125,14 +167,14 @@ def test_thresholds_come_from_the_config(tmp_path: Path) -> None:
     custom = {"thresholds": {"warmup_steps": 123, "vanishing": 2.5e-5, "exploding": 77.0, "dead_ratio": 0.8,
                              "dead_unit_ratio": 0.6, "unstable_cv": 4.5, "saturation_ratio": 0.7,
                              "stalled_update_ratio": 3e-9}}
-    rules = {r.get("alert") or r["record"]: r["expr"] for r in _rules(build_rule_groups(load_config(custom, {})))}
-    assert "> 123" in rules["run_rank:gradflow_steps_total:past_warmup"]
-    assert "< 2.5e-05" in rules["GradientVanishing"]
-    assert "> 77\n" in rules["GradientExploding"]
-    assert "> 0.6\n" in rules["DeadNeurons"] and "> 0.8\n" in rules["DeadNeurons"]
-    assert "> 4.5\n" in rules["GradientUnstable"]
-    assert "> 0.7\n" in rules["ActivationSaturation"]
-    assert "< 3e-09\n" in rules["TrainingStalled"]
+    rules = {r["alert"]: r["annotations"]["description"] for r in _rules(build_rule_groups(load_config(custom, {})))
+             if r.get("labels", {}).get("severity") != "critical" or r["alert"] == "GradientExploding"}
+    assert "thresholds.vanishing = 2.5e-05" in rules["GradientVanishing"]
+    assert "thresholds.exploding = 77" in rules["GradientExploding"]
+    assert "thresholds.dead_unit_ratio = 0.6" in rules["DeadNeurons"] and "dead_ratio = 0.8" in rules["DeadNeurons"]
+    assert "thresholds.unstable_cv = 4.5" in rules["GradientUnstable"]
+    assert "thresholds.saturation_ratio = 0.7" in rules["ActivationSaturation"]
+    assert "thresholds.stalled_update_ratio = 3e-09" in rules["TrainingStalled"]
     path = tmp_path / "custom.yml"
     path.write_text(render_prometheus(build_rule_groups(load_config(custom, {}))), encoding="utf-8")
     result = _promtool("check", "rules", str(path))
@@ -147,7 +189,7 @@ def test_cli_writes_checks_and_rejects(tmp_path: Path, monkeypatch: pytest.Monke
     config.write_text("thresholds:\n  exploding: 42\n", encoding="utf-8")
     out = tmp_path / "rules.yml"
     assert cli.main(["--config", str(config), "-o", str(out)]) == 0
-    assert "> 42\n" in out.read_text(encoding="utf-8")
+    assert "thresholds.exploding = 42" in out.read_text(encoding="utf-8")
     assert cli.main(["--config", str(config), "-o", str(out), "--check"]) == 0
     assert cli.main(["-o", str(out), "--check"]) == 1  # defaults differ from the file
     k8s = tmp_path / "rule.yaml"
@@ -174,3 +216,11 @@ def test_runbooks_cover_meaning_confirmation_causes_and_fixes() -> None:
         text += body.lower()
     missing = [t for t in topics if t.lower() not in text]
     assert not missing, missing
+
+
+def test_runbooks_state_the_rule_tables_severities_and_duration() -> None:
+    from gradflow_agent.detect.spec import RULES
+    for spec in RULES:
+        body = (RUNBOOKS / f"{spec.alert}.md").read_text(encoding="utf-8")
+        assert f"| Severity | {' / '.join(spec.severities)} |" in body, spec.alert
+        assert f'gradflow_issue{{kind="{spec.kind}"}}' in body, spec.alert

@@ -1,0 +1,198 @@
+"""The detector and the alert rules agree: synthetic snapshots judged both ways, as promtool unit tests.
+
+For every rule of the table (detect/spec.py) a synthetic snapshot holds layers on each side of its
+thresholds (fires, escalates, healthy, exactly at the threshold, NaN, statistic missing) and a run
+still in its warm-up. The in-process detector judges it; the agent's exporter turns the verdict into
+the series Prometheus would scrape; the expected alerts are exactly the detector's issues (name,
+severity, layer). `gradflow-agent rules --tests` writes the result as a promtool test file (the
+checked-in `deploy/prometheus/tests/gradflow-alerts.test.yml`), which `promtool test rules` runs
+against the generated rules: an alert that fires where the detector is silent, or the other way round,
+fails it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import numpy as np
+
+from gradflow_agent.config import Section
+from gradflow_agent.detect import diagnose
+from gradflow_agent.detect.spec import RULES
+from gradflow_agent.export.metrics import ISSUE, ISSUE_VALUE, samples
+from gradflow_agent.snapshot import LAYER_STATS, NONFINITE_TENSORS, Snapshot
+
+from .rules import _dump, build_rule_groups
+
+JOB, INSTANCE = "gradflow", "trainer-0:9464"
+MINUTES = 20  # length of every input series
+
+
+def _snapshot(step: int, columns: dict[str, list[float]], layers: list[str], nonfinite=None,
+              origin=None) -> Snapshot:
+    stats = {k: np.array(columns.get(k, [math.nan] * len(layers)), dtype=np.float64) for k in LAYER_STATS}
+    counts = {t: np.zeros(len(layers)) for t in NONFINITE_TENSORS}
+    counts.update(nonfinite or {})
+    return Snapshot(step=step, time=0.0, interval_steps=10, layers=tuple(layers),
+                    layer_types=tuple("Linear" for _ in layers), stats=stats, nonfinite=counts,
+                    grad_norm=math.nan, loss=None, counters={"steps_total": float(step)},
+                    nonfinite_origin=origin)
+
+
+def _case_values(cond, t: float) -> dict[str, float]:
+    """Values of one condition's statistic on each side of its threshold `t`."""
+    ratio = cond.statistic.endswith("ratio")
+    if cond.op == "above":
+        if cond.critical_at is not None:
+            fires, critical = (t + cond.critical_at) / 2, cond.critical_at
+        elif cond.critical_factor is not None:
+            fires, critical = t * min(2.0, cond.critical_factor / 2), t * cond.critical_factor * 2
+        else:
+            fires, critical = ((t + 1) / 2, (t + 3) / 4) if ratio else (t * 1.5, t * 3)
+        healthy = t / 2
+    else:
+        if cond.critical_at is not None:
+            fires, critical = (t + cond.critical_at) / 2, cond.critical_at
+        elif cond.critical_factor is not None:
+            fires, critical = t / 2, t / cond.critical_factor / 10
+        else:
+            fires, critical = t / 2, t / 4
+        healthy = t * 2
+    return {"fires": fires, "escalates": critical, "healthy": healthy, "at_threshold": t, "nan": math.nan}
+
+
+def _add(layers: list[str], columns: dict[str, list[float]], name: str, values: dict[str, float]) -> None:
+    """One more layer: `values` for its statistics, NaN for the others."""
+    layers.append(name)
+    for key in {*columns, *values}:
+        columns.setdefault(key, [math.nan] * (len(layers) - 1)).append(values.get(key, math.nan))
+
+
+def cases(th: Section) -> list[tuple[str, Snapshot]]:
+    """(run label, snapshot) pairs covering every rule of the table, and each rule's warm-up."""
+    out = []
+    for rule in RULES:
+        if not rule.conditions:
+            continue
+        layers: list[str] = []
+        columns: dict[str, list[float]] = {}
+
+        for ci, cond in enumerate(rule.conditions):
+            for case, value in _case_values(cond, float(th[cond.threshold])).items():
+                values = {cond.statistic: value}
+                if rule.requires and rule.requires != cond.statistic:
+                    values[rule.requires] = 0.0  # known (and healthy): the rule judges this layer
+                _add(layers, columns, f"{rule.kind}.c{ci}.{case}", values)
+        if rule.requires:  # a firing value where the required statistic is unknown: never judged
+            cond = rule.conditions[-1]
+            fires = _case_values(cond, float(th[cond.threshold]))["fires"]
+            _add(layers, columns, f"{rule.kind}.unknown", {cond.statistic: fires})
+        out.append((rule.kind, _snapshot(int(th.warmup_steps) + 100, columns, layers)))
+        out.append((f"{rule.kind}-warmup", _snapshot(int(th.warmup_steps), columns, layers)))
+    layers = ["in", "origin", "spread"]
+    out.append(("nonfinite", _snapshot(40, {}, layers, nonfinite={"activation": np.array([0.0, 3.0, 12.0])},
+                                       origin=(37, 1, "activation"))))
+    out.append(("nonfinite-none", _snapshot(40, {"grad_pressure": [1.0, 1.0, 1.0]}, layers)))
+    return out
+
+
+def _labels(run: str, labels: dict[str, str]) -> dict[str, str]:
+    return {"job": JOB, "instance": INSTANCE, "run": run, "rank": "0", **labels}
+
+
+def _series_text(name: str, labels: dict[str, str]) -> str:
+    inner = ", ".join(f'{k}="{v}"' for k, v in labels.items())
+    return f"{name}{{{inner}}}"
+
+
+def _expand(template: str, labels: dict[str, str], value: float) -> str:
+    """The Go templates of the shipped annotations, expanded as Prometheus does for these labels."""
+    text = template.replace('{{ printf "%.3g" $value }}', _go_g(value))
+    return re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m.group(1), ""), text)
+
+
+def _go_g(value: float) -> str:
+    """Go's %.3g (same as C's, which Python follows)."""
+    return f"{value:.3g}"
+
+
+def promtool_tests(config: Section, rule_file: str = "../rules/gradflow-alerts.yml") -> dict[str, Any]:
+    """A promtool unit-test document: the detector's verdicts as input series, its issues as the
+    expected alerts (after each rule's `for:`), and silence while `for:` has not elapsed."""
+    th = config.thresholds
+    alerts = [r for g in build_rule_groups(config) for r in g["rules"] if "alert" in r]
+    by_name: dict[str, list[dict]] = {}
+    for rule in alerts:
+        by_name.setdefault(rule["alert"], []).append(rule)
+    tests = []
+    for run, snap in cases(th):
+        snap = diagnose(snap, th)
+        series = []
+        for metric, labels, value in samples(snap, {}):
+            if metric in (ISSUE, ISSUE_VALUE):
+                series.append({"series": _series_text(metric.name, _labels(run, labels)),
+                               "values": f"{value!r}x{MINUTES}"})
+        kinds = {run.split("-")[0]}
+        cases_out = []
+        for name, rules in by_name.items():
+            if rules[0]["labels"]["kind"] not in kinds:
+                continue
+            minutes = _minutes(rules[0]["for"])
+            expected = []
+            for issue in snap.issues:
+                rule = next((r for r in rules if r["labels"]["severity"] == issue.severity
+                             and r["labels"]["kind"] == issue.kind), None)
+                if rule is None:
+                    continue
+                labels = {k: v for k, v in _labels(run, {"layer": issue.layer}).items()}
+                labels.update(rule["labels"])
+                value = issue.value if math.isfinite(issue.value) else 1.0
+                expected.append({"exp_labels": labels, "exp_annotations": {
+                    k: _expand(v, labels, value) for k, v in rule["annotations"].items()}})
+            expected.sort(key=lambda e: (e["exp_labels"]["layer"], e["exp_labels"]["severity"]))
+            if minutes:
+                cases_out.append({"eval_time": f"{minutes - 1}m", "alertname": name, "exp_alerts": []})
+            cases_out.append({"eval_time": f"{minutes + 1}m", "alertname": name, "exp_alerts": expected})
+        tests.append({"name": f"{run}: the alerts are the detector's issues", "interval": "1m",
+                      "input_series": series, "alert_rule_test": cases_out})
+    tests.append(_agent_down_test(by_name["GradflowAgentDown"][0]["annotations"]["runbook_url"]))
+    return {"rule_files": [rule_file], "evaluation_interval": "1m", "tests": tests}
+
+
+def _agent_down_test(runbook_url: str) -> dict[str, Any]:
+    up = _series_text("up", {"job": JOB, "instance": INSTANCE})
+    labels = {"job": JOB, "instance": INSTANCE, "severity": "warning", "kind": "agent_down"}
+    return {"name": "GradflowAgentDown", "interval": "1m",
+            "input_series": [{"series": up, "values": "1x4 0x10"}],
+            "alert_rule_test": [
+                {"eval_time": "4m", "alertname": "GradflowAgentDown", "exp_alerts": []},
+                {"eval_time": "7m", "alertname": "GradflowAgentDown", "exp_alerts": []},
+                {"eval_time": "10m", "alertname": "GradflowAgentDown", "exp_alerts": [{
+                    "exp_labels": labels,
+                    "exp_annotations": {
+                        "summary": f"gradflow agent {INSTANCE} is down",
+                        "description": f"Prometheus cannot scrape the gradflow agent at {INSTANCE} (job {JOB}): "
+                                       "the training process exited or hangs, its metrics port is "
+                                       "unreachable, or service discovery lost it.",
+                        "runbook_url": runbook_url}}]}]}
+
+
+def _minutes(duration: str) -> int:
+    match = re.fullmatch(r"(\d+)([ms])", duration)
+    if not match:
+        raise ValueError(f"unsupported for: {duration!r}")
+    n = int(match.group(1))
+    return n if match.group(2) == "m" else math.ceil(n / 60)
+
+
+def render_promtool_tests(config: Section, source: str = "config/default.yaml") -> str:
+    """The promtool test file as YAML text (`gradflow-agent rules --format promtool-tests`)."""
+    header = (f"# Generated by `gradflow-agent rules --format promtool-tests` from {source}; do not edit.\n"
+              f"# Synthetic snapshots judged by the in-process detector; the expected alerts are its issues.\n"
+              f"#   cd deploy/prometheus/tests && promtool test rules gradflow-alerts.test.yml\n")
+    return header + _dump(promtool_tests(config))
+
+
+__all__ = ["cases", "promtool_tests", "render_promtool_tests"]
