@@ -1,21 +1,17 @@
-"""LayerHealth: a 0-100 score, a status and advice per layer, computed from snapshots.
+"""LayerHealth: a 0-100 score, a status and advice per layer, for analyzer and report results.
 
-score = clip(100 - P_pressure - P_turbulence - P_issues, 0, 100), where
-
-- P_pressure = min(25 * d, 50), d = decades the layer's mean gradient pressure p lies outside the good band
-  [0.1, 10] of seed 004 (d = log10(0.1 / p) below it, log10(p / 10) above it, 0 inside, 0 without gradients);
-- P_turbulence = min(10 * max(0, t - 1), 40), t = turbulence (seed 004: < 1 good, > 5 critical);
-- P_issues = sum over the layer's issues of 40 (CRITICAL), 30 (HIGH), 20 (MEDIUM), 5 (LOW).
-
-status: HEALTHY when score >= 75, WARNING when 50 <= score < 75, CRITICAL below 50 (seed 004's table).
-The model's overall score is the mean layer score minus the issue penalties of model-level issues.
-`snapshot_health_scores` applies the same formula to one live `Snapshot` (the exported
-gradflow_layer_health_score could use it; the agent's own score counts issue penalties only).
+The score is the agent's one health formula (`gradflow_agent.detect.health`): 100 minus 50 per
+critical, 25 per warning and 10 per info issue, floored at 0. An analyzer's severities map onto the
+agent's (critical -> critical, high and medium -> warning, low -> info), so a layer scores the same in
+a live snapshot, an analyzer report and a report of a recorded run, and its status follows its worst
+issue (critical -> CRITICAL, warning -> WARNING, otherwise HEALTHY), as the run's overall status follows
+the worst issue of the run. Pressure and turbulence outside the good band of seed 004 only add advice.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -23,7 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from .base import FROM_AGENT_SEVERITY, FlowIssue, IssueSeverity, jsonable, recommendation
+from ..detect import health as agent_health
+from .base import FlowIssue, IssueSeverity, jsonable, recommendation
+
+#: An analyzer severity as the agent's severity (the one health formula's penalties).
+TO_AGENT_SEVERITY = {IssueSeverity.CRITICAL: "critical", IssueSeverity.HIGH: "warning",
+                     IssueSeverity.MEDIUM: "warning", IssueSeverity.LOW: "info"}
 
 
 class HealthStatus(str, Enum):
@@ -35,50 +36,56 @@ class HealthStatus(str, Enum):
         return self.value
 
 
+def agent_severity(severity: IssueSeverity | str) -> str:
+    """info / warning / critical for an analyzer severity (or an agent severity, unchanged)."""
+    if str(severity) in agent_health.PENALTY:
+        return str(severity)
+    return TO_AGENT_SEVERITY[IssueSeverity(severity)]
+
+
+def status_of(issues: Iterable[Any]) -> HealthStatus:
+    """The status that follows the worst of `issues` (FlowIssue or agent Issue)."""
+    worst = agent_health.overall_status([_AsAgent(agent_severity(i.severity)) for i in issues])
+    return {"critical": HealthStatus.CRITICAL, "warning": HealthStatus.WARNING}.get(worst, HealthStatus.HEALTHY)
+
+
+@dataclass(frozen=True)
+class _AsAgent:
+    severity: str
+
+
 @dataclass(frozen=True)
 class HealthPolicy:
-    """The constants of the health formula (see the module docstring)."""
+    """The good band of seed 004 behind the advice (not the score: that is detect/health.py)."""
 
     good_low: float = 0.1
     good_high: float = 10.0
-    points_per_decade: float = 25.0
-    pressure_cap: float = 50.0
     turbulence_good: float = 1.0
-    points_per_turbulence: float = 10.0
-    turbulence_cap: float = 40.0
-    penalties: tuple[tuple[str, float], ...] = (("critical", 40.0), ("high", 30.0), ("medium", 20.0), ("low", 5.0))
-    healthy_min: float = 75.0
-    warning_min: float = 50.0
 
     def penalty(self, severity: IssueSeverity | str) -> float:
-        return dict(self.penalties)[IssueSeverity(severity).value]
+        return agent_health.PENALTY[agent_severity(severity)]
 
     def status(self, score: float) -> HealthStatus:
-        if score >= self.healthy_min:
-            return HealthStatus.HEALTHY
-        return HealthStatus.WARNING if score >= self.warning_min else HealthStatus.CRITICAL
+        """The band of a score (detect/health.py); a result's own status follows its worst issue."""
+        band = agent_health.band(score)
+        return {"critical": HealthStatus.CRITICAL, "warning": HealthStatus.WARNING}.get(band, HealthStatus.HEALTHY)
 
 
 DEFAULT_POLICY = HealthPolicy()
 
 
 def pressure_penalty(pressure: float, policy: HealthPolicy = DEFAULT_POLICY) -> float:
-    """Points lost for a mean pressure outside the good band (0 when unknown)."""
-    if not (math.isfinite(pressure) and pressure > 0):
-        return 0.0 if not (math.isfinite(pressure) and pressure == 0.0) else policy.pressure_cap
-    if pressure < policy.good_low:
-        d = math.log10(policy.good_low / pressure)
-    elif pressure > policy.good_high:
-        d = math.log10(pressure / policy.good_high)
-    else:
-        return 0.0
-    return min(policy.points_per_decade * d, policy.pressure_cap)
+    """Deprecated: the score counts issues only (gradflow_agent.detect.health); always 0."""
+    warnings.warn("pressure_penalty is no longer part of the health score; use gradflow_agent.detect.health",
+                  DeprecationWarning, stacklevel=2)
+    return 0.0
 
 
 def turbulence_penalty(turbulence: float, policy: HealthPolicy = DEFAULT_POLICY) -> float:
-    if not math.isfinite(turbulence):
-        return 0.0
-    return min(policy.points_per_turbulence * max(0.0, turbulence - policy.turbulence_good), policy.turbulence_cap)
+    """Deprecated: the score counts issues only (gradflow_agent.detect.health); always 0."""
+    warnings.warn("turbulence_penalty is no longer part of the health score; use gradflow_agent.detect.health",
+                  DeprecationWarning, stacklevel=2)
+    return 0.0
 
 
 @dataclass(frozen=True)
@@ -120,50 +127,39 @@ def _advice(pressure: float, turbulence: float, policy: HealthPolicy) -> list[st
 
 def layer_health(layer: str, pressure: float, turbulence: float, issues: Iterable[FlowIssue] = (),
                  policy: HealthPolicy = DEFAULT_POLICY) -> LayerHealth:
-    """Score one layer from its mean pressure, turbulence and issues (the formula of this module)."""
+    """One layer's health: the one formula over its issues; advice also from its pressure and turbulence."""
     issues = tuple(i for i in issues if i.layer == layer)
-    parts = {"pressure": pressure_penalty(pressure, policy), "turbulence": turbulence_penalty(turbulence, policy),
-             "issues": sum(policy.penalty(i.severity) for i in issues)}
-    score = float(min(100.0, max(0.0, 100.0 - sum(parts.values()))))
+    points = sum(policy.penalty(i.severity) for i in issues)
+    score = float(max(0.0, 100.0 - points))
     recs: list[str] = []
     for i in issues:
         rec = i.recommendation or recommendation(i.issue_type)
         if rec and rec not in recs:
             recs.append(rec)
     recs.extend(r for r in _advice(pressure, turbulence, policy) if r not in recs)
-    return LayerHealth(layer, score, policy.status(score), issues, tuple(recs), parts)
+    return LayerHealth(layer, score, status_of(issues), issues, tuple(recs), {"issues": points})
 
 
 def overall_health(layers: Iterable[LayerHealth], model_issues: Iterable[FlowIssue] = (),
                    policy: HealthPolicy = DEFAULT_POLICY) -> tuple[float, HealthStatus]:
-    """Mean layer score minus the penalties of model-level issues, clipped to [0, 100]."""
+    """The run's score: its worst layer's, less the penalties of model-level issues; its status follows
+    its worst issue, layers and model together."""
+    layers, model_issues = list(layers), list(model_issues)
     scores = [h.score for h in layers if math.isfinite(h.score)]
-    base = float(np.mean(scores)) if scores else 100.0
-    score = max(0.0, min(100.0, base - sum(policy.penalty(i.severity) for i in model_issues)))
-    return score, policy.status(score)
+    score = max(0.0, min(scores, default=100.0) - sum(policy.penalty(i.severity) for i in model_issues))
+    return score, status_of([i for h in layers for i in h.issues] + model_issues)
 
 
 def snapshot_health_scores(snap: Any, issues: Iterable[Any] | None = None,
                            policy: HealthPolicy = DEFAULT_POLICY) -> np.ndarray:
-    """The health formula on one live Snapshot (agent issues mapped to severities), one score per layer.
-
-    Drop-in for `gradflow_agent.detect.health.health_scores(snap.layers, issues)` when the snapshot's
-    statistics are available: `snapshot_health_scores(snap, issues)`.
-    """
+    """The one health formula on a live Snapshot: the score the agent exports."""
+    from ..detect import known_layers
     issues = list(snap.issues if issues is None else issues)
-    p = snap.stats["grad_pressure"]
-    t = snap.stats["grad_turbulence"]
-    out = np.empty(len(snap.layers))
-    for i, name in enumerate(snap.layers):
-        penalty = sum(policy.penalty(_severity_of(x)) for x in issues if x.layer == name)
-        score = 100.0 - pressure_penalty(float(p[i]), policy) - turbulence_penalty(float(t[i]), policy) - penalty
-        out[i] = min(100.0, max(0.0, score))
-    return out
+    return agent_health.health_scores(snap.layers, [_Scored(i.layer, agent_severity(i.severity)) for i in issues],
+                                      known_layers(snap))
 
 
-def _severity_of(issue: Any) -> IssueSeverity:
-    """A FlowIssue's severity, or the agent Issue's info/warning/critical mapped to LOW/MEDIUM/CRITICAL."""
-    sev = issue.severity
-    if isinstance(sev, IssueSeverity):
-        return sev
-    return FROM_AGENT_SEVERITY.get(str(sev), IssueSeverity.MEDIUM)
+@dataclass(frozen=True)
+class _Scored:
+    layer: str
+    severity: str

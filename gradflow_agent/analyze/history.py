@@ -140,6 +140,9 @@ class History:
             "update_ratio": _nan_reduce(np.nanmean, s["update_ratio"]),
             "output_grad_norm": _nan_reduce(np.nanmean, s["output_grad_norm"]),
         }
+        # the latest measured update ratio (records of older agents lack it: their interval mean)
+        latest = last_finite(s["update_ratio_last"])
+        agg["update_ratio_last"] = np.where(np.isnan(latest), agg["update_ratio"], latest)
         loss = _nan_reduce(np.nanmean, self.loss[None, :], axis=1)[0] if len(self.loss) else np.nan
         return Snapshot(step=int(self.steps[-1]), time=time.time(), interval_steps=int(self.interval_steps.sum()),
                         layers=self.layers, layer_types=self.layer_types,

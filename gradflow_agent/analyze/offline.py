@@ -1,7 +1,10 @@
-"""Reports of recorded runs: the JSONL flight record through the same detectors as a live analysis.
+"""Reports of recorded runs: the JSONL flight record, with the issues the agent recorded.
 
-A recording holds the agent's statistics only (no effective ranks, attention maps or gradients through
-time), so the report of a recording covers the scalar issues, depth structure and health.
+A recording holds the agent's statistics and its detector's issues (no effective ranks, attention maps
+or gradients through time). The report shows the recorded issues - never a recomputation from whole-run
+averages, which would disagree with what the agent said during the run - plus the depth structure,
+which only a whole-run view shows; health is the one formula over those issues and the overall status
+follows the worst issue.
 """
 
 from __future__ import annotations
@@ -13,22 +16,58 @@ from typing import Any
 import numpy as np
 
 from ..report.flow_report import FlowReport, section, series
-from .base import FlowThresholds, sort_issues
+from .base import FROM_AGENT_SEVERITY, FlowIssue, FlowThresholds, IssueType, make_issue, sort_issues
 from .detectors import depth_issues, depth_profile, scalar_issues
 from .health import DEFAULT_POLICY, HealthPolicy, layer_health, overall_health
 from .history import History
 from .metrics import compute_metrics
 
+#: The agent's issue kinds as analyzer issue types.
+AGENT_KINDS = {"vanishing": IssueType.VANISHING, "exploding": IssueType.EXPLODING, "dead": IssueType.DEAD,
+               "nonfinite": IssueType.NUMERICAL, "unstable": IssueType.UNSTABLE, "saturated": IssueType.SATURATED,
+               "stalled": IssueType.STALLED}
+_RANK = {"info": 0, "warning": 1, "critical": 2}
+
+
+def recorded_issues(records: Sequence[dict[str, Any]]) -> list[FlowIssue]:
+    """Every (kind, layer) the agent flagged in the records: its worst severity, latest value and message,
+    and the steps it was first and last seen at."""
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    for record in records:
+        for issue in record.get("issues", ()):
+            key = (issue["kind"], issue["layer"])
+            entry = seen.setdefault(key, {"first": issue.get("first_step") or issue.get("step", 0), "worst": "info",
+                                          "records": 0})
+            entry.update(last=issue)
+            entry["records"] += 1
+            if _RANK.get(issue["severity"], 0) >= _RANK[entry["worst"]]:
+                entry["worst"] = issue["severity"]
+    out = []
+    for (kind, layer), entry in seen.items():
+        last = entry["last"]
+        value = float("nan") if last.get("value") is None else float(last["value"])
+        issue = make_issue(AGENT_KINDS.get(kind, IssueType.NUMERICAL), FROM_AGENT_SEVERITY[entry["worst"]], layer,
+                           value, float(last.get("threshold") or 0.0), last.get("message", kind),
+                           step=int(last.get("step", 0)), first_step=int(entry["first"]),
+                           records=entry["records"], agent_severity=entry["worst"])
+        out.append(FlowIssue(issue.issue_type, issue.severity, issue.layer, issue.value, issue.threshold,
+                             issue.message, last.get("recommendation") or issue.recommendation, issue.step,
+                             issue.details))
+    return out
+
 
 def report_from_history(history: History, *, thresholds: FlowThresholds | None = None, title: str = "",
-                        policy: HealthPolicy = DEFAULT_POLICY, meta: dict[str, Any] | None = None) -> FlowReport:
+                        policy: HealthPolicy = DEFAULT_POLICY, meta: dict[str, Any] | None = None,
+                        recorded: list[FlowIssue] | None = None) -> FlowReport:
+    """`recorded`: the agent's issues of the run (a recording); without them, the scalar detectors run on
+    the history's aggregates (an analysis that has no agent verdicts)."""
     th = thresholds or FlowThresholds()
     agg = history.aggregate()
     metrics = compute_metrics(history, agg)
     step = int(history.steps[-1])
     profile = depth_profile(metrics)
-    issues = sort_issues(scalar_issues(agg, th) + depth_issues(profile, th, step),
-                         {m.layer: m.depth for m in metrics})
+    found = list(recorded) if recorded is not None else scalar_issues(agg, th)
+    issues = sort_issues(found + depth_issues(profile, th, step), {m.layer: m.depth for m in metrics})
     health = {m.layer: layer_health(m.layer, m.mean_pressure, m.turbulence, issues, policy) for m in metrics}
     score, status = overall_health(health.values(), [i for i in issues if i.layer not in health], policy)
     sections: dict[str, Any] = {}
@@ -57,4 +96,4 @@ def report_from_records(records: Sequence[dict[str, Any]], *, thresholds: FlowTh
     history = History.from_records(records)
     labels = records[-1].get("labels", {}) if records else {}
     return report_from_history(history, thresholds=thresholds, title=title or "Recorded run",
-                               meta={"labels": labels})
+                               meta={"labels": labels}, recorded=recorded_issues(records))

@@ -37,7 +37,7 @@ def evaluate(rule: Rule, snap: Snapshot, th) -> list[Issue]:
         if required is not None and np.isnan(required[i]):
             continue
         for cond in rule.conditions:
-            value, threshold = float(snap.stats[cond.statistic][i]), float(th[cond.threshold])
+            value, threshold = float(snap.stats[cond.statistic][i]), float(getattr(th, cond.threshold))
             if not cond.holds(value, threshold):
                 continue
             severity = "critical" if cond.critical(value, threshold) else rule.severity

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import pytest
 import torch.nn.functional as F
 
@@ -27,39 +26,40 @@ from gradflow_agent.analyze.health import (
 )
 
 
-@pytest.mark.parametrize("pressure,points", [(1.0, 0.0), (0.1, 0.0), (10.0, 0.0), (0.01, 25.0), (100.0, 25.0),
-                                             (0.001, 50.0), (1e-9, 50.0), (1e6, 50.0),
-                                             (0.05, 25 * math.log10(2)), (float("nan"), 0.0), (0.0, 50.0)])
-def test_pressure_penalty(pressure, points):
-    assert pressure_penalty(pressure) == pytest.approx(points)
+def test_the_old_band_penalties_are_deprecated_and_no_longer_score():
+    with pytest.warns(DeprecationWarning, match="detect.health"):
+        assert pressure_penalty(1e-9) == 0.0
+    with pytest.warns(DeprecationWarning, match="detect.health"):
+        assert turbulence_penalty(10.0) == 0.0
 
 
-@pytest.mark.parametrize("turbulence,points", [(0.5, 0.0), (1.0, 0.0), (3.0, 20.0), (5.0, 40.0), (10.0, 40.0),
-                                               (float("nan"), 0.0)])
-def test_turbulence_penalty(turbulence, points):
-    assert turbulence_penalty(turbulence) == pytest.approx(points)
-
-
-def test_score_status_and_advice():
+def test_score_is_the_one_formula_and_status_follows_the_worst_issue():
     crit = make_issue(IssueType.VANISHING, IssueSeverity.CRITICAL, "fc", 1e-9, 1e-6, "tiny")
     med = make_issue(IssueType.UNSTABLE, IssueSeverity.MEDIUM, "fc", 4.0, 3.0, "swings")
-    other = make_issue(IssueType.DEAD, IssueSeverity.HIGH, "elsewhere", 1.0, 0.9, "dead")
-    h = layer_health("fc", 1.0, 0.0, [crit, med, other])
-    assert h.score == 40.0 and h.status is HealthStatus.CRITICAL
-    assert h.issues == (crit, med) and h.components == {"pressure": 0.0, "turbulence": 0.0, "issues": 60.0}
+    high = make_issue(IssueType.DEAD, IssueSeverity.HIGH, "other", 1.0, 0.9, "dead")
+    low = make_issue(IssueType.DEAD, IssueSeverity.LOW, "quiet", 1.0, 0.9, "dead")
+    h = layer_health("fc", 1.0, 0.0, [crit, med, high])
+    assert h.score == 25.0 and h.status is HealthStatus.CRITICAL  # 100 - 50 - 25, as the agent scores it
+    assert h.issues == (crit, med) and h.components == {"issues": 75.0}
     assert h.recommendations[0] == crit.recommendation
-    h = layer_health("fc", 0.01, 2.0)  # 100 - 25 - 10
-    assert h.score == 65.0 and h.status is HealthStatus.WARNING
-    assert any("below the good band" in r for r in h.recommendations)
-    assert layer_health("fc", 1e-9, 9.0, [crit]).score == 0.0  # floored
-    assert DEFAULT_POLICY.status(75.0) is HealthStatus.HEALTHY
-    assert DEFAULT_POLICY.status(74.99) is HealthStatus.WARNING
-    assert DEFAULT_POLICY.status(50.0) is HealthStatus.WARNING
-    assert DEFAULT_POLICY.status(49.99) is HealthStatus.CRITICAL
+    two_warnings = layer_health("other", 1.0, 0.0, [high, high])
+    assert two_warnings.score == 50.0 and two_warnings.status is HealthStatus.WARNING
+    assert layer_health("quiet", 1.0, 0.0, [low]).status is HealthStatus.HEALTHY
+    h = layer_health("fc", 0.01, 2.0)
+    assert h.score == 100.0 and h.status is HealthStatus.HEALTHY
+    assert any("below the good band" in r for r in h.recommendations)  # advice, not points
+    assert layer_health("fc", 1e-9, 9.0, [crit, crit, crit]).score == 0.0  # floored
+    assert DEFAULT_POLICY.status(100.0) is HealthStatus.HEALTHY
+    assert DEFAULT_POLICY.status(75.0) is HealthStatus.WARNING
+    assert DEFAULT_POLICY.status(50.0) is HealthStatus.CRITICAL
     assert LayerHealth.from_dict(h.to_dict()) == h
     model_issue = make_issue(IssueType.DECAY, IssueSeverity.HIGH, "(model)", 5.0, 3.0, "decays")
-    score, status = overall_health([layer_health("a", 1.0, 0.0), layer_health("b", 0.01, 0.0)], [model_issue])
-    assert score == pytest.approx((100 + 75) / 2 - 30) and status is HealthStatus.WARNING
+    med_b = make_issue(IssueType.UNSTABLE, IssueSeverity.MEDIUM, "b", 4.0, 3.0, "swings")
+    warned = [layer_health("a", 1.0, 0.0), layer_health("b", 1.0, 0.0, [med_b])]
+    score, status = overall_health(warned, [model_issue])
+    assert score == 75 - 25 and status is HealthStatus.WARNING
+    score, status = overall_health([layer_health("a", 1.0, 0.0)] * 5 + [layer_health("fc", 1.0, 0.0, [crit])])
+    assert score == 50 and status is HealthStatus.CRITICAL  # six layers, one critical: critical overall
 
 
 def test_report_health_is_the_formula_on_its_metrics():
@@ -86,10 +86,6 @@ def test_snapshot_health_scores_on_a_live_snapshot():
     agent.detach()
     scores = snapshot_health_scores(snap)
     assert snap.issues
-    for i, name in enumerate(snap.layers):
-        penalty = sum({"critical": 40, "warning": 20, "info": 5}[x.severity] for x in snap.issues if x.layer == name)
-        want = 100 - pressure_penalty(snap.stats["grad_pressure"][i]) \
-            - turbulence_penalty(snap.stats["grad_turbulence"][i]) - penalty
-        assert scores[i] == pytest.approx(min(100.0, max(0.0, want)))
+    assert np.array_equal(scores, snap.health, equal_nan=True)  # the score the agent exports
     exploded = [snap.layers.index(x.layer) for x in snap.issues if x.kind == "exploding"]
-    assert all(scores[i] < 50 for i in exploded)
+    assert exploded and all(scores[i] <= 50 for i in exploded)

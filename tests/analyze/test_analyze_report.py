@@ -188,3 +188,33 @@ def test_documented_screenshot_command(report, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     width, height = struct.unpack(">II", data[16:24])
     assert (width, height) == (390, 900)
+
+
+def test_a_recorded_run_reports_the_issues_the_agent_recorded(tmp_path):
+    """The report of a recording shows the agent's own issues (not a recomputation from whole-run
+    averages), their worst severity, and an overall status that follows the worst of them."""
+    from gradflow_agent.analyze.offline import report_from_records
+
+    record = tmp_path / "run.jsonl"
+    w = demo.build("saturated")
+    cfg = {"exporters": {"prometheus": {"enabled": False}, "jsonl": {"enabled": True, "path": str(record)}},
+           "sampling": {"export_every_n_steps": 10, "window": 20}, "thresholds": {"warmup_steps": 10}}
+    agent = gradflow_agent.attach(w.model, cfg, optimizer=w.optimizer)
+    for step in range(40):
+        demo.train_step(w, step, agent)
+    agent.detach()
+    records = read_snapshots(record)
+    recorded = {(i["kind"], i["layer"], i["severity"]) for r in records for i in r["issues"]}
+    assert ("saturated", "1", "warning") in recorded
+    # a later record with a critical issue on another layer, as a run that degraded at its end
+    last = dict(records[-1])
+    last["issues"] = [*last["issues"], {"kind": "exploding", "layer": "2", "severity": "critical", "value": 50.0,
+                                       "threshold": 10.0, "step": last["step"], "message": "boom",
+                                       "recommendation": "clip"}]
+    report = report_from_records([*records, last])
+    found = {(i.issue_type.value, i.layer) for i in report.issues}
+    assert {("saturated", "1"), ("exploding", "2")} <= found
+    assert report.overall_status == "CRITICAL"
+    assert report.health["2"].status.value == "CRITICAL" and report.health["1"].status.value == "WARNING"
+    saturated = next(i for i in report.issues if i.issue_type.value == "saturated")
+    assert saturated.details["first_step"] <= saturated.step
