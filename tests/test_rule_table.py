@@ -103,3 +103,15 @@ def test_the_schema_has_exactly_the_documented_sections():
     with open(DEFAULT_PATH, encoding="utf-8") as fh:
         sections = list(yaml.safe_load(fh))
     assert sections == ["run", "modules", "sampling", "stats", "thresholds", "exporters", "dynamics", "log"]
+
+
+def test_the_analyzers_read_the_same_thresholds_and_severities():
+    from gradflow_agent.analyze.base import FlowThresholds, IssueSeverity
+    flow = FlowThresholds()
+    assert (flow.vanishing, flow.exploding, flow.dead, flow.dead_unit_ratio, flow.unstable_cv,
+            flow.saturation_ratio, flow.stalled_update_ratio) == (
+        TH.vanishing, TH.exploding, TH.dead_ratio, TH.dead_unit_ratio, TH.unstable_cv, TH.saturation_ratio,
+        TH.stalled_update_ratio)
+    custom = load_config({"thresholds": {"exploding": 42.0}}, environ={}).thresholds
+    assert FlowThresholds.from_config(custom).exploding == 42.0
+    assert IssueSeverity("warning") is IssueSeverity.MEDIUM and IssueSeverity("info") is IssueSeverity.LOW

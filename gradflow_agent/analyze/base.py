@@ -27,6 +27,11 @@ class IssueSeverity(str, Enum):
     def rank(self) -> int:
         return _SEVERITY_RANK[self]
 
+    @classmethod
+    def _missing_(cls, value: object) -> IssueSeverity | None:
+        """The agent's severities are accepted too: info -> LOW, warning -> MEDIUM (`IssueSeverity('warning')`)."""
+        return {"info": cls.LOW, "warning": cls.MEDIUM}.get(str(value).lower())
+
     def __str__(self) -> str:
         return self.value
 
@@ -227,17 +232,31 @@ def filter_issues(issues: list[FlowIssue], *, min_severity: IssueSeverity | str 
     return out
 
 
+def _agent_thresholds() -> dict[str, float]:
+    from ..config import load_default
+    return {k: float(v) for k, v in load_default()["thresholds"].items()}
+
+
+_AGENT_THRESHOLDS = _agent_thresholds()
+#: FlowThresholds field -> key of the agent's thresholds: section.
+_AGENT_KEYS = {"vanishing": "vanishing", "exploding": "exploding", "dead": "dead_ratio",
+               "dead_unit_ratio": "dead_unit_ratio", "unstable_cv": "unstable_cv",
+               "saturation_ratio": "saturation_ratio", "stalled_update_ratio": "stalled_update_ratio"}
+
+
 @dataclass(frozen=True)
 class FlowThresholds:
-    """Detection thresholds of the gradient-flow detectors. Defaults: seed 003 (`GradientFlowAnalyzer`)."""
+    """Detection thresholds of the gradient-flow detectors. The agent's thresholds (vanishing to stalled)
+    default to the `thresholds:` section of default.yaml, the values the live detector and the alerts
+    use (seed 003's); the structural ones below them are the analyzers' own."""
 
-    vanishing: float = 1e-6  # mean per-layer gradient L2 norm ("pressure") below: VANISHING
-    exploding: float = 10.0  # pressure above: EXPLODING
-    dead: float = 0.9  # fraction of exactly-zero gradient elements (or outputs of a ReLU-family layer) above: DEAD
-    dead_unit_ratio: float = 0.5  # fraction of ReLU-family units that never fired during the analysis above: DEAD
-    unstable_cv: float = 3.0  # coefficient of variation of pressure over the analysis above: UNSTABLE
-    saturation_ratio: float = 0.5  # fraction of saturated bounded-activation outputs above: SATURATED
-    stalled_update_ratio: float = 1e-7  # update-to-weight ratio below (only with an optimizer): STALLED
+    vanishing: float = _AGENT_THRESHOLDS["vanishing"]  # mean per-layer gradient L2 norm ("pressure") below
+    exploding: float = _AGENT_THRESHOLDS["exploding"]  # pressure above: EXPLODING
+    dead: float = _AGENT_THRESHOLDS["dead_ratio"]  # fraction of exactly-zero gradients/ReLU outputs above: DEAD
+    dead_unit_ratio: float = _AGENT_THRESHOLDS["dead_unit_ratio"]  # ReLU-family units that never fired, above
+    unstable_cv: float = _AGENT_THRESHOLDS["unstable_cv"]  # coefficient of variation of pressure above: UNSTABLE
+    saturation_ratio: float = _AGENT_THRESHOLDS["saturation_ratio"]  # saturated bounded outputs above: SATURATED
+    stalled_update_ratio: float = _AGENT_THRESHOLDS["stalled_update_ratio"]  # update/weight ratio below: STALLED
     decay_decades: float = 3.0  # fitted pressure drop from the last to the first parametric layer, in decades
     layer_variance: float = 1.0  # std of the residuals of log10 pressure around the depth trend, in decades
     bottleneck_ratio: float = 6.0  # effective-rank compression (input / output of a layer) at or above: BOTTLENECK
@@ -248,6 +267,12 @@ class FlowThresholds:
 
     def replace(self, **changes: Any) -> FlowThresholds:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_config(cls, thresholds: Any) -> FlowThresholds:
+        """The agent's `thresholds:` section (a config Section or mapping) as analyzer thresholds."""
+        get = thresholds.get if isinstance(thresholds, dict) else lambda k, d=None: getattr(thresholds, k, d)
+        return cls(**{name: float(get(key)) for name, key in _AGENT_KEYS.items() if get(key) is not None})
 
     def to_dict(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
