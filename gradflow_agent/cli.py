@@ -1,4 +1,8 @@
-"""`gradflow-agent` / `python -m gradflow_agent`: demo, config check, and the sub-tools' commands."""
+"""`gradflow-agent` / `python -m gradflow_agent`: demo, config check, and the sub-tools' commands.
+
+`--help` and `--version` import neither torch nor any sub-tool: a sub-command's module is imported only
+when it runs, and a command whose extra is not installed says which one in one line (exit 2).
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,27 @@ import importlib
 import logging
 import sys
 
-# Sub-commands implemented by other parts of the package: name -> (module, help). Each module has
-# `main(argv) -> int` and parses what follows the sub-command itself.
-DELEGATED = {
-    "init-check": ("gradflow_agent.initcheck.cli", "check a module's initialisation (norms, spectra, ...)"),
-    "rules": ("gradflow_agent.alerting.cli", "write Prometheus alert rules from a config's thresholds"),
-    "dashboards": ("gradflow_agent.alerting.dashboards_cli", "write the Grafana dashboards from a config"),
-    "report": ("gradflow_agent.report.cli", "turn a JSONL flight record into an HTML/JSON/text report"),
+from . import __version__
+from ._optional import MissingExtraError, require_extra
+
+# The demo's `--pathology` choices, kept here so that building the parser never imports the demo (torch);
+# tests/test_packaging.py checks that they equal gradflow_agent.demo.PATHOLOGIES.
+PATHOLOGIES = ("vanishing", "exploding", "dead", "nonfinite", "saturated", "stalled", "unstable")
+
+# Sub-commands implemented by other parts of the package: name -> (module, help, extra it needs or None).
+# Each module has `main(argv) -> int` and parses what follows the sub-command itself.
+DELEGATED: dict[str, tuple[str, str, str | None]] = {
+    "init-check": ("gradflow_agent.initcheck.cli", "check a module's initialisation (norms, spectra, ...)",
+                   "initcheck"),
+    "rules": ("gradflow_agent.alerting.cli", "write Prometheus alert rules from a config's thresholds", None),
+    "dashboards": ("gradflow_agent.alerting.dashboards_cli", "write the Grafana dashboards from a config",
+                   "dashboards"),
+    "report": ("gradflow_agent.report.cli", "turn a JSONL flight record into an HTML/JSON/text report", None),
 }
 
 
 def _demo(args: argparse.Namespace) -> int:
+    require_extra("demo", "gradflow-agent demo")  # rich draws its progress bar and tables
     from .demo import run
     issues = run(pathology=args.pathology, steps=args.steps, port=args.port, addr=args.addr,
                  config=args.config, step_delay=args.step_delay, linger=args.linger, quiet=args.quiet)
@@ -50,8 +64,9 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import PATHOLOGIES
-    parser = argparse.ArgumentParser(prog="gradflow-agent", description=__doc__)
+    """The top-level parser; torch-free, so that `--help` and `--version` answer at once."""
+    parser = argparse.ArgumentParser(prog="gradflow-agent", description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"gradflow-agent {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a small model with the agent attached and serve its metrics")
@@ -69,25 +84,44 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", help="YAML config (default: $GRADFLOW_CONFIG, else the defaults); "
                                               "GRADFLOW_* variables apply either way")
     check.set_defaults(func=_check_config)
-    for name, (_, help_text) in DELEGATED.items():
+    for name, (_, help_text, _extra) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+def _delegate(name: str, argv: list[str]) -> int:
+    """Run a sub-tool's `main`, after checking (without importing it) that its extra is installed."""
+    module_name, _, extra = DELEGATED[name]
+    if extra is not None:
+        require_extra(extra, f"gradflow-agent {name}")
+    return importlib.import_module(module_name).main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     for i, token in enumerate(argv):
         if token in DELEGATED:
             if any(t != "--debug" for t in argv[:i]):
                 break
-            module = importlib.import_module(DELEGATED[token][0])
-            return module.main(argv[i + 1:] + (["--debug"] if "--debug" in argv[:i] else []))
+            try:
+                return _delegate(token, argv[i + 1:] + (["--debug"] if "--debug" in argv[:i] else []))
+            except MissingExtraError as exc:  # the one line that names the extra
+                if "--debug" in argv:
+                    raise
+                print(exc, file=sys.stderr)
+                return 2
         if not token.startswith("-"):
             break
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except MissingExtraError as exc:
+        if args.debug:
+            raise
+        print(exc, file=sys.stderr)
+        return 2
     except Exception as exc:  # one clear line; the traceback with --debug
         if args.debug:
             raise

@@ -108,10 +108,9 @@ class Comparison:
                                table("Issues", ["change", "type", "layer", "message"], issue_rows)])
 
     def print(self, console: Any = None) -> None:
-        from rich.console import Console
-
+        from .._optional import require
         from ..report.console import ConsoleReporter
-        console = console or Console()
+        console = console or require("rich.console", "report", "Comparison.print").Console()
         console.print(f"[bold]{self.name_a} -> {self.name_b}[/]: {self.verdict}, overall health "
                       f"{self.overall_a:.0f} -> {self.overall_b:.0f}")
         reporter = ConsoleReporter(console)

@@ -246,6 +246,9 @@ def cmd_list(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     if args.json:
         out.write(json.dumps(rows, indent=2) + "\n")
         return EXIT_OK
+    from .._optional import require
+
+    require("rich", "initcheck", "gradflow_agent.initcheck")
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text

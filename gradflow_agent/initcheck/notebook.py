@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
+from .._optional import require
 from .analyses import ANALYSES
 from .errors import InitCheckError, OutputError
 from .spec import parse_module_spec
+
+nbformat = require("nbformat", "initcheck", "gradflow_agent.initcheck")
+_v4 = require("nbformat.v4", "initcheck", "gradflow_agent.initcheck")
+new_code_cell, new_markdown_cell, new_notebook = _v4.new_code_cell, _v4.new_markdown_cell, _v4.new_notebook
 
 FORMATS = ("ipynb", "py")
 
@@ -431,6 +433,7 @@ def _child_env() -> dict[str, str]:
 
 def execute_notebook(path: str | Path, kernel: str = "python3", timeout: int = 600) -> Path:
     """Run every cell with nbclient in the notebook's directory and save the outputs into the file."""
+    require("nbclient", "initcheck", "gradflow_agent.initcheck")  # and jupyter_client, which nbclient depends on
     from jupyter_client.kernelspec import NoSuchKernel
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError

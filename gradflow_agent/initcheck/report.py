@@ -12,12 +12,13 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import IO, Any
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-
+from .._optional import require
 from .errors import OutputError
 from .result import AnalysisResult, json_safe
+
+Console = require("rich.console", "initcheck", "gradflow_agent.initcheck").Console
+Table = require("rich.table", "initcheck", "gradflow_agent.initcheck").Table
+Text = require("rich.text", "initcheck", "gradflow_agent.initcheck").Text
 
 SCHEMA_VERSION = 1
 TOOL = "gradflow-agent init-check"

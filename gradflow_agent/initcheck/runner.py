@@ -15,8 +15,8 @@ from typing import IO, Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from .._optional import require
 from . import report
 from .analyses import ANALYSES, AnalysisInfo
 from .config import AnalysisConfig
@@ -24,6 +24,8 @@ from .context import ModuleContext, first_line, prepare_context, resolve_device
 from .errors import InitCheckError, SpecError
 from .result import AnalysisResult
 from .spec import build_module, load_module_class, parse_module_spec
+
+tqdm = require("tqdm", "initcheck", "gradflow_agent.initcheck").tqdm
 
 
 def _spec_of(cls: type) -> str:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LAZY = {
-    "GradflowCallback": ("huggingface", "transformers"),
-    "GradflowLightningCallback": ("lightning", "lightning (or pytorch-lightning)"),
+_LAZY = {  # name -> submodule; each submodule names its extra (hf, lightning) when the framework is missing
+    "GradflowCallback": "huggingface",
+    "GradflowLightningCallback": "lightning",
 }
 
 __all__ = sorted(_LAZY)
@@ -20,13 +20,7 @@ __all__ = sorted(_LAZY)
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, package = _LAZY[name]
-    try:
-        mod = importlib.import_module(f".{module}", __name__)
-    except ImportError as exc:
-        raise ImportError(f"gradflow_agent.integrations.{name} needs {package}: pip install {package.split()[0]} "
-                          f"({exc})") from exc
-    return getattr(mod, name)
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
 
 
 def __dir__() -> list[str]:

@@ -25,12 +25,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
 
 import gradflow_agent
 
+from .._optional import require
 from ..dynamics import AnalysisConfig, attach_dynamics, running_dynamics
 from ._common import LossCollector, TrainerSignals, loss_of, unwrap_optimizer
+
+TrainerCallback = require("transformers", "hf", "gradflow_agent.integrations.GradflowCallback").TrainerCallback
 
 
 class GradflowCallback(TrainerCallback):

@@ -24,15 +24,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-try:  # the unified package first, the standalone one otherwise
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import Callback
-except ImportError:  # pragma: no cover - depends on what is installed
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import Callback
-
 import gradflow_agent
 
+from .._optional import require
 from ..dynamics import AnalysisConfig, attach_dynamics, running_dynamics
 from ._common import (
     InertOptimizer,
@@ -43,6 +37,10 @@ from ._common import (
     read_gradients,
     unwrap_optimizer,
 )
+
+pl = require(("lightning.pytorch", "pytorch_lightning"),  # the unified package first, the standalone one otherwise
+             "lightning", "gradflow_agent.integrations.GradflowLightningCallback")
+Callback = pl.Callback
 
 
 class GradflowLightningCallback(Callback):

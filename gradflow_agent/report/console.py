@@ -1,16 +1,34 @@
-"""ConsoleReporter: a FlowReport in the terminal with rich (colour-coded health and severities)."""
+"""ConsoleReporter: a FlowReport in the terminal with rich (colour-coded health and severities).
+
+rich (the `report` extra) is imported when a table is drawn, not with this module: the HTML report
+uses `fmt` from here and must work on a core install.
+"""
 
 from __future__ import annotations
 
+import functools
 import io
 import math
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.panel import Panel
-from rich.table import Table
-
+from .._optional import require
 from ..analyze.base import FlowIssue
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.table import Table
+
+FEATURE = "ConsoleReporter (console and text reports)"
+
+
+@functools.cache
+def _rich() -> SimpleNamespace:
+    """rich's Console, Panel and Table, or one line naming the `report` extra."""
+    return SimpleNamespace(Console=require("rich.console", "report", FEATURE).Console,
+                           Panel=require("rich.panel", "report", FEATURE).Panel,
+                           Table=require("rich.table", "report", FEATURE).Table)
 
 SEVERITY_STYLE = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "cyan"}
 STATUS_STYLE = {"HEALTHY": "green", "WARNING": "yellow", "CRITICAL": "bold red"}
@@ -41,7 +59,7 @@ class ConsoleReporter:
     """Prints the parts of a FlowReport; `console=None` writes to the terminal."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console()
+        self.console = console or _rich().Console()
 
     # -- renderables (compute-free: the report already holds every number) -----------------------------------
     @staticmethod
@@ -56,11 +74,11 @@ class ConsoleReporter:
                 f"worst layers: {worst}")
         if s["issues_by_type"]:
             body += "\nby type: " + ", ".join(f"{k} {v}" for k, v in sorted(s["issues_by_type"].items()))
-        return Panel(body, title=s["title"], expand=False)
+        return _rich().Panel(body, title=s["title"], expand=False)
 
     @staticmethod
     def issues_table(issues: list[FlowIssue]) -> Table:
-        t = Table(title="Issues" if issues else "Issues: none found", show_lines=False)
+        t = _rich().Table(title="Issues" if issues else "Issues: none found", show_lines=False)
         for col in ("severity", "type", "layer", "value", "threshold", "message"):
             t.add_column(col, overflow="fold")
         for i in issues:
@@ -71,7 +89,7 @@ class ConsoleReporter:
 
     @staticmethod
     def layers_table(report: Any, max_rows: int = 60) -> Table:
-        t = Table(title="Layers", show_lines=False)
+        t = _rich().Table(title="Layers", show_lines=False)
         for col in ("layer", "type", "pressure", "max", "turbulence", "zero act", "dead units", "eff. rank out",
                     "gain", "health", "status"):
             t.add_column(col, justify="left" if col in ("layer", "type", "status") else "right")
@@ -93,14 +111,14 @@ class ConsoleReporter:
         out: list[Any] = []
         for sec in report.sections.values():
             if sec.get("summary"):
-                t = Table(title=sec["title"], show_header=False)
+                t = _rich().Table(title=sec["title"], show_header=False)
                 t.add_column("metric")
                 t.add_column("value", justify="right")
                 for k, v in sec["summary"].items():
                     t.add_row(str(k), fmt(v))
                 out.append(t)
             for tab in sec.get("tables", []):
-                t = Table(title=f"{sec['title']}: {tab['title']}")
+                t = _rich().Table(title=f"{sec['title']}: {tab['title']}")
                 for col in tab["columns"]:
                     t.add_column(str(col), overflow="fold")
                 for row in tab["rows"]:
@@ -145,5 +163,6 @@ class ConsoleReporter:
     def format_report(cls, report: Any, width: int = 120) -> str:
         """The whole report as plain text (no colour codes)."""
         buf = io.StringIO()
-        cls(Console(file=buf, width=width, color_system=None, force_terminal=False, highlight=False)).print_all(report)
+        console = _rich().Console(file=buf, width=width, color_system=None, force_terminal=False, highlight=False)
+        cls(console).print_all(report)
         return buf.getvalue()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
-from rich.table import Table
-
+from .._optional import require
 from ..snapshot import Snapshot
+
+Table = require("rich.table", "demo", "gradflow_agent.report.live (the demo's tables)").Table
 
 
 def _fmt(x: float) -> str:

@@ -5,6 +5,11 @@ into a row of a device ring buffer (`ring[step] = per-parameter norms`). Everyth
 mean and max over the interval, turbulence (coefficient of variation over the window), the global norm -
 is derived from the ring once per export interval. A NaN in the ring means "this parameter had no
 gradient at this step"; real non-finite gradients are counted and their finite part is summarised.
+
+Sharded (DTensor) gradients are read on the local shard; the ring keeps their local norms and the
+per-parameter counts stay per parameter, so that at the snapshot one collective adds the squares and
+counts of the sharded columns over their shard group (stats/sharding.py): the statistics of the whole
+tensor on every rank.
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ import math
 import numpy as np
 import torch
 
+from .sharding import ShardSums, local
+
 
 def _dense(g: torch.Tensor) -> torch.Tensor:
+    g = local(g)
     return g.coalesce()._values() if g.is_sparse else g
 
 
@@ -35,9 +43,14 @@ class GradientStats:
         self.pos = -1  # row of the latest step
         self.filled = 0  # rows written so far (capped at the ring size)
         self.in_interval = 0  # rows written since the last snapshot
-        self.nonfinite = torch.zeros(n_layers + 1, dtype=torch.float64, device=device)
-        self.nonzero = torch.zeros(n_layers + 1, dtype=torch.float64, device=device)
-        self.zero_numel = np.zeros(n_layers + 1)
+        # per parameter (added per layer at the snapshot, after the shard sums): non-finite elements so far,
+        # non-zero elements and elements counted on the parameter cadence since the last snapshot
+        self.nonfinite = torch.zeros(max(n, 1), dtype=torch.float64, device=device)
+        self.nonzero = torch.zeros(max(n, 1), dtype=torch.float64, device=device)
+        self.counted = torch.zeros(max(n, 1), dtype=torch.float64, device=device)
+        self._numel = torch.tensor([float(local(p).numel()) for p in params] or [0.0], dtype=torch.float64,
+                                   device=device)
+        self.shards = ShardSums(params, device)
         self._layer_of_param = list(layer_of_param)
         self._last_zero_ratio = np.full(n_layers, np.nan)
         self._last_peak = np.full(n_layers, np.nan)
@@ -77,20 +90,26 @@ class GradientStats:
 
     def _count_nonzero(self, dense: list[torch.Tensor], present) -> None:
         """Exact-zero gradient elements per layer (run on the parameter cadence: one op per tensor)."""
-        full = len(present) == len(self.params)
         nz = torch.stack([torch.count_nonzero(g) for g in dense]).double()
-        self.nonzero.index_add_(0, self.layer_idx if full else self.layer_idx[list(present)], nz)
-        for k in present:
-            self.zero_numel[self._layer_of_param[k]] += self.params[k].numel()
+        if len(present) == len(self.params):
+            self.nonzero += nz
+            self.counted += self._numel
+        else:
+            idx = torch.tensor(list(present), dtype=torch.long, device=self.device)
+            self.nonzero.index_add_(0, idx, nz)
+            self.counted.index_add_(0, idx, self._numel[idx])
 
     def _masked_norms(self, dense: list[torch.Tensor], present) -> torch.Tensor:
         """Norms of the finite part; count the non-finite elements per layer."""
         finite = [torch.isfinite(g) for g in dense]
         bad = torch.stack([(~f).sum() for f in finite]).double()
-        idx = self.layer_idx if len(present) == len(self.params) else self.layer_idx[list(present)]
-        self.nonfinite.index_add_(0, idx, bad)
+        full = len(present) == len(self.params)
+        if full:
+            self.nonfinite += bad
+        else:
+            self.nonfinite.index_add_(0, torch.tensor(list(present), dtype=torch.long, device=self.device), bad)
         if self.origin is not None:  # backward runs from the deepest layer
-            self.origin.note(idx, bad, 1, last=True)
+            self.origin.note(self.layer_idx if full else self.layer_idx[list(present)], bad, 1, last=True)
         clean = [torch.where(f, g, 0) for f, g in zip(finite, dense)]
         return torch.stack(torch._foreach_norm(clean)).float()
 
@@ -100,12 +119,21 @@ class GradientStats:
         n_rows = self.ring.shape[0]
         L = self.n_layers
         nan = torch.full((L,), float("nan"), dtype=torch.float64, device=self.device)
-        if self.filled == 0 or not self.params:
-            return [nan, nan, nan, nan[:1], self.nonfinite[:L], self.nonzero[:L]]
+        if not self.params:
+            return [nan, nan, nan, nan[:1], nan.nan_to_num(0.0), nan.nan_to_num(0.0), nan.nan_to_num(0.0)]
         order = torch.arange(self.pos - self.filled + 1, self.pos + 1, device=self.device) % n_rows
-        rows = self.ring.index_select(0, order).double()  # oldest first
+        rows = self.ring.index_select(0, order).double().square()  # oldest first; squares add over shards
+        counts = torch.cat([rows, torch.stack([self.nonfinite, self.nonzero, self.counted])])
+        counts = self.shards.reduce_columns(counts)  # one collective for a model sharded over one mesh
+        rows, (nonfinite_p, nonzero_p, counted_p) = counts[:-3], counts[-3:]
+        per_param = [torch.zeros(L + 1, dtype=torch.float64, device=self.device).index_add_(0, self.layer_idx, v)[:L]
+                     for v in (nonfinite_p, nonzero_p, counted_p)]
+        self.nonzero.zero_()
+        self.counted.zero_()
+        if self.filled == 0:
+            return [nan, nan, nan, nan[:1], *per_param]
         present = ~torch.isnan(rows)
-        sq = torch.where(present, rows.square(), 0.0)
+        sq = torch.where(present, rows, 0.0)
         per_layer = torch.zeros(rows.shape[0], L + 1, dtype=torch.float64, device=self.device)
         per_layer.index_add_(1, self.layer_idx, sq)
         counts = torch.zeros_like(per_layer).index_add_(1, self.layer_idx, present.double())
@@ -120,21 +148,17 @@ class GradientStats:
         w_var = torch.nan_to_num((win - w_mean).square(), nan=0.0).sum(0) / (w_n - 1).clamp(min=1)
         turbulence = torch.where(w_n >= 3, w_var.sqrt() / w_mean, float("nan"))
         global_norm = per_layer[-1].sum().sqrt().reshape(1)
-        return [mean, peak, turbulence, global_norm, self.nonfinite[:L], self.nonzero[:L]]
+        return [mean, peak, turbulence, global_norm, *per_param]
 
     def finish(self, host: list[np.ndarray]) -> dict[str, np.ndarray]:
-        mean, peak, turbulence, global_norm, nonfinite, nonzero = host
-        L = self.n_layers
+        mean, peak, turbulence, global_norm, nonfinite, nonzero, counted = host
         if self.in_interval:  # otherwise nothing new: carry the last interval forward
             self._prev_pressure = self._last_pressure
             self._last_pressure, self._last_peak = mean, peak
-        counted = self.zero_numel[:L]
         if counted.any():
             with np.errstate(invalid="ignore", divide="ignore"):
                 ratio = 1.0 - nonzero / counted
             self._last_zero_ratio = np.where(counted > 0, ratio, self._last_zero_ratio)
-            self.nonzero.zero_()
-            self.zero_numel[:] = 0
         with np.errstate(invalid="ignore", divide="ignore"):
             velocity = (self._last_pressure - self._prev_pressure) / self._prev_pressure
         self.in_interval = 0

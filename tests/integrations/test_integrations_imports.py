@@ -29,10 +29,10 @@ def test_imports_without_the_frameworks():
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == "['GradflowCallback', 'GradflowLightningCallback']"
-    assert lines[1].startswith("GradflowCallback -> gradflow_agent.integrations.GradflowCallback needs transformers")
-    assert "pip install transformers" in lines[1]
-    assert lines[2].startswith("GradflowLightningCallback -> gradflow_agent.integrations.GradflowLightningCallback "
-                               "needs lightning")
+    assert lines[1] == ("GradflowCallback -> gradflow_agent.integrations.GradflowCallback needs the hf extra: "
+                        "pip install 'gradflow-agent[hf]'")
+    assert lines[2] == ("GradflowLightningCallback -> gradflow_agent.integrations.GradflowLightningCallback needs "
+                        "the lightning extra: pip install 'gradflow-agent[lightning]'")
     assert "transformers" not in out.stderr
 
 

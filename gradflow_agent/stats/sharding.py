@@ -1,0 +1,88 @@
+"""Sharded parameters (FSDP2 `fully_shard`, DTensor tensor parallelism): statistics of the whole tensor.
+
+A DTensor parameter's gradient and weights are split over the ranks of its device mesh, so each rank
+sees a shard. Norms are not additive, squares are: every statistic is computed from the local shard as a
+sum of squares (or a count), and the sums are added over the shard group once per snapshot, in one
+collective per distinct (mesh, dims) - never per layer or per step. Replicated tensors (DDP, plain
+parameters) are already whole on every rank and are never reduced.
+
+The collective runs inside the snapshot, on the training thread, and only at snapshot steps every rank
+agrees on (see `Agent._due`), so every rank of the group arrives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+try:  # torch >= 2.4
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - older torch
+    DTensor = None
+
+
+def is_dtensor(t: object) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (the tensor itself unless it is a DTensor)."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _groups(p: torch.Tensor) -> tuple | None:
+    """The process groups a DTensor's shard sums must be added over (None: nothing to add)."""
+    if not is_dtensor(p):
+        return None
+    mesh = p.device_mesh
+    dims = [d for d, placement in enumerate(p.placements) if placement.is_shard() or placement.is_partial()]
+    if not dims:
+        return None
+    return tuple(mesh.get_group(d) if mesh.ndim > 1 else mesh.get_group() for d in dims)
+
+
+class ShardSums:
+    """Adds per-parameter columns of sharded parameters over their shard groups, in few collectives."""
+
+    def __init__(self, params: Sequence[torch.Tensor], device: torch.device) -> None:
+        plans: dict[tuple, list[int]] = {}
+        for k, p in enumerate(params):
+            groups = _groups(p)
+            if groups is not None:
+                plans.setdefault(groups, []).append(k)
+        self.plans = [(groups, torch.tensor(cols, dtype=torch.long, device=device)) for groups, cols in plans.items()]
+        mask = torch.zeros(len(params), dtype=torch.bool, device=device)
+        for _, cols in self.plans:
+            mask[cols] = True
+        self.mask = mask  # sharded parameters
+        self.any = bool(self.plans)
+
+    def reduce_columns(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` (..., P) with the columns of sharded parameters summed over their groups (a new tensor)."""
+        if not self.any:
+            return t
+        import torch.distributed as dist
+        out = t.clone()
+        for groups, cols in self.plans:
+            part = out.index_select(-1, cols).contiguous()
+            for group in groups:
+                dist.all_reduce(part, group=group)
+            out.index_copy_(-1, cols, part)
+        return out
+
+    def reduce_all(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the shard groups (per-layer sums of sharded parameters only)."""
+        if not self.any:
+            return t
+        import torch.distributed as dist
+        out = t.clone()
+        for groups, _ in self.plans[:1]:  # one sharding for the whole model (FSDP2); see Agent for mixed
+            for group in groups:
+                dist.all_reduce(out, group=group)
+        return out
+
+    @property
+    def uniform(self) -> bool:
+        """Every sharded parameter has the same groups (FSDP2 over one mesh)."""
+        return len(self.plans) <= 1
