@@ -47,6 +47,7 @@ from .stats.gradients import GradientStats
 from .stats.nonfinite import NonfiniteOrigin
 from .stats.output_grads import OutputGradStats
 from .stats.parameters import ParameterStats
+from .stats.sharding import is_dtensor, local
 
 log = logging.getLogger("gradflow_agent")
 
@@ -89,7 +90,8 @@ def _distributed() -> tuple[int, int]:
 def _fingerprint(params: list[nn.Parameter]) -> torch.Tensor | None:
     """A few elements of every parameter: tells whether the weights moved between two backward passes."""
     with torch.no_grad():
-        parts = [p.detach().reshape(-1)[:: max(1, p.numel() // 8)].float() for p in params if p.numel()]
+        parts = [t.detach().reshape(-1)[:: max(1, t.numel() // 8)].float()
+                 for t in map(local, params) if t.numel()]
         return torch.cat(parts).cpu() if parts else None
 
 
@@ -138,21 +140,16 @@ class Agent:
                         self.layers_skipped, cfg.modules.max_layers)
 
         L = len(self.layers)
-        self._owner = self._owners()
-        self._all_params = self._model_params()
         every = cfg.sampling.every_n_steps
         self._param_every = every * cfg.stats.parameters.every_n_steps
-        rows = max(cfg.sampling.window, math.ceil(cfg.sampling.export_every_n_steps / every)) + 1
+        self._ring_rows = max(cfg.sampling.window, math.ceil(cfg.sampling.export_every_n_steps / every)) + 1
         self.origin = NonfiniteOrigin(self.device)
         self.act = ActivationStats([layer.kind for layer in self.layers], self.device,
                                    margin=cfg.stats.activations.saturation_margin,
                                    dead_units=cfg.stats.activations.dead_units, window=cfg.sampling.window,
                                    sample_elements=cfg.stats.activations.sample_elements, origin=self.origin)
-        # every parameter, frozen ones too: a layer unfrozen mid-run is read from its first gradient
-        self.grad = GradientStats(self._all_params, [self._owner.get(id(p), L) for p in self._all_params], L,
-                                  self.device, rows=rows, window=cfg.sampling.window, origin=self.origin)
         self._trainable_sig: tuple[bool, ...] = ()
-        self.param = self._parameter_stats()
+        self._bind_parameters()
         self.out_grad = OutputGradStats(L, self.device)
 
         self.steps = 0
@@ -180,6 +177,7 @@ class Agent:
                                  self.out_grad.watch if output_grads else None)
         if cfg.stats.activations.enabled or output_grads:
             self.hooks.attach_forward()
+        self.hooks.claims = self._claims
         self.hooks.attach_optimizer(optimizer, self._all_params, self._before_optimizer_step,
                                     self._after_optimizer_step)
         if optimizer is None:
@@ -191,6 +189,46 @@ class Agent:
             from .dynamics import dynamics_from_config
             dynamics_from_config(self)
         self._publish(self._snapshot(strict=True))  # the endpoint serves the layer list from the start
+
+    def _bind_parameters(self) -> None:
+        """(Re)build the parameter-side statistics over the model's parameters as they are now.
+
+        Every parameter, frozen ones too: a layer unfrozen mid-run is read from its first gradient. Run at
+        attach and whenever the model's parameters were replaced (FSDP2 `fully_shard` or DDP wrapping
+        after attach, `to_empty`, LoRA injection): nothing is read from stale tensors."""
+        L = len(self.layers)
+        self._owner = self._owners()
+        self._all_params = self._model_params()
+        self._param_ids = {id(p) for p in self._all_params}
+        self.grad = GradientStats(self._all_params, [self._owner.get(id(p), L) for p in self._all_params], L,
+                                  self.device, rows=self._ring_rows, window=self.config.sampling.window,
+                                  origin=self.origin)
+        self.param = self._parameter_stats()
+        self.sharded = self.grad.shards.any and torch.distributed.is_available() and \
+            torch.distributed.is_initialized()
+        self._next_sync_step = getattr(self, "steps", 0) + min(self.config.sampling.export_every_n_steps, 10)
+        if getattr(self, "hooks", None) is not None:
+            self.hooks.rebind(self._all_params)
+
+    def _params_replaced(self) -> bool:
+        """The model's parameters are no longer the ones bound (checked on the parameter cadence and when an
+        optimizer steps parameters the agent does not know): rebind and say so once per change."""
+        current = self._model_params()
+        if len(current) == len(self._all_params) and all(a is b for a, b in zip(current, self._all_params)):
+            return False
+        log.warning("gradflow_agent: the model's parameters were replaced after attach (%d -> %d tensors%s); "
+                    "the agent now reads the new ones", len(self._all_params), len(current),
+                    ", sharded" if any(is_dtensor(p) for p in current) else "")
+        self._bind_parameters()
+        if self.config.stats.parameters.enabled:
+            self.param.take_before()
+        return True
+
+    def _claims(self, opt: torch.optim.Optimizer) -> None:
+        """An optimizer of parameters the agent does not know steps: rebind if they are the model's now."""
+        ids = {id(p) for p in self.model.parameters()}
+        if any(id(p) in ids for g in opt.param_groups for p in g["params"]):
+            self._params_replaced()
 
     def _owners(self) -> dict[int, int]:
         """id(parameter) -> index of the layer that owns it."""
@@ -240,6 +278,10 @@ class Agent:
             self.errors.guard("gradients", self.grad.read, self._param_due(self.steps + 1))
 
     def _before_optimizer_step(self) -> None:
+        opt = self.hooks.optimizer
+        if opt is not None and opt.param_groups and opt.param_groups[0]["params"] and \
+                id(opt.param_groups[0]["params"][0]) not in self._param_ids:
+            self._params_replaced()
         self._read_gradients()
 
     def _after_optimizer_step(self) -> None:
@@ -330,8 +372,7 @@ class Agent:
             self.hooks.active = self.steps % self.config.sampling.every_n_steps == 0
             for plugin in self.plugins:
                 guard(plugin.name, plugin.on_step, self)
-            due = (self.steps - self._interval_start >= self.config.sampling.export_every_n_steps
-                   or time.monotonic() - self._last_publish >= self.config.sampling.export_every_seconds)
+            due = self._due()
         if due or self._publish_waiting:
             if self._opt_stepped and self._follows_with_step and not self._publish_waiting:
                 self._publish_waiting = True  # published by the agent.step() that follows
@@ -340,9 +381,31 @@ class Agent:
                 self._publish(self._snapshot())
         self._overhead += time.perf_counter() - t0
 
+    def _due(self) -> bool:
+        """Is a snapshot due after this step? With sharded parameters the snapshot holds a collective, so
+        every rank must decide alike: a step count agreed at the previous snapshot replaces the clock."""
+        if self.sharded:
+            return self.steps >= self._next_sync_step
+        return (self.steps - self._interval_start >= self.config.sampling.export_every_n_steps
+                or time.monotonic() - self._last_publish >= self.config.sampling.export_every_seconds)
+
+    def _agree_next_snapshot(self, interval: int) -> None:
+        """Sharded runs: the next snapshot step, from the mean step time over the ranks (one small
+        collective, in the snapshot every rank is in), so that `export_every_seconds` still holds."""
+        cfg = self.config.sampling
+        elapsed = time.monotonic() - self._last_publish
+        t = torch.tensor([elapsed, float(interval)], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        seconds, steps = float(t[0]), float(t[1])
+        per_step = seconds / steps if steps > 0 else 0.0
+        k = cfg.export_every_n_steps if per_step <= 0 else round(cfg.export_every_seconds / per_step)
+        self._next_sync_step = self.steps + max(1, min(int(k), cfg.export_every_n_steps))
+
     def _parameter_boundary(self) -> None:
         measure, before = self._param_due(self.steps), self._param_due(self.steps + 1)
         if not (measure or before):
+            return
+        if self._params_replaced():
             return
         if self._trainable_changed():  # the sample taken before no longer matches: start again
             if before:
@@ -405,6 +468,8 @@ class Agent:
                 self._last_loss = float(loss_host[0][0])
             scale_host = host[len(components) + 1]
             interval = self.steps - self._interval_start
+            if self.sharded and not strict:
+                run("schedule", self._agree_next_snapshot, interval)
             self._interval_start = self.steps
             self._last_publish = time.monotonic()
             self._count_scaler_skips()

@@ -225,6 +225,7 @@ class HookManager(HandleSet):
         self._channels_first = False  # layout of the latest parametric layer's output
         self._optimizer: torch.optim.Optimizer | None = None
         self._owned_params: set[int] = set()
+        self.claims: Callable[[torch.optim.Optimizer], None] | None = None  # set by the agent
         self._fails = [0] * len(layers)  # consecutive failures per layer
         self._on_backward_end: Callable[[], None] | None = None
         self._backward_task = -2  # graph task whose end is already queued
@@ -335,9 +336,16 @@ class HookManager(HandleSet):
             self._handles.append(register_optimizer_step_pre_hook(guarded(pre, "optimizer_pre_hook")))
             self._handles.append(register_optimizer_step_post_hook(guarded(post, "optimizer_post_hook")))
 
+    def rebind(self, params: list[nn.Parameter]) -> None:
+        """The model's parameters were replaced (sharding, wrapping): recognise optimizers of the new ones."""
+        self._owned_params = {id(p) for p in params}
+
     def _is_ours(self, opt: torch.optim.Optimizer) -> bool:
         if self._optimizer is not None:
             return opt is self._optimizer
+        if self.claims is not None and not any(id(p) in self._owned_params for g in opt.param_groups
+                                               for p in g["params"]):
+            self.claims(opt)  # parameters replaced since attach (e.g. fully_shard): rebinds when they are ours
         if any(id(p) in self._owned_params for g in opt.param_groups for p in g["params"]):
             self._optimizer = opt  # lock on: one optimizer defines the step
             log.info("gradflow_agent: step boundary: %s.step() (found through the optimizer hooks)",
