@@ -158,6 +158,7 @@ def promtool_tests(config: Section, rule_file: str = "../rules/gradflow-alerts.y
         tests.append({"name": f"{run}: the alerts are the detector's issues", "interval": "1m",
                       "input_series": series, "alert_rule_test": cases_out})
     tests.append(_agent_down_test(by_name["GradflowAgentDown"][0]["annotations"]["runbook_url"]))
+    tests.append(_hung_test(by_name["TrainingHung"][0]))
     return {"rule_files": [rule_file], "evaluation_interval": "1m", "tests": tests}
 
 
@@ -177,6 +178,24 @@ def _agent_down_test(runbook_url: str) -> dict[str, Any]:
                                        "the training process exited or hangs, its metrics port is "
                                        "unreachable, or service discovery lost it.",
                         "runbook_url": runbook_url}}]}]}
+
+
+def _hung_test(rule: dict[str, Any]) -> dict[str, Any]:
+    """A run that steps for 5 minutes, then serves without stepping: TrainingHung after the window + for:."""
+    window = _minutes(re.search(r"\[(\w+)\]", rule["expr"]).group(1))
+    labels = {"job": JOB, "instance": INSTANCE, "run": "r1", "rank": "0"}
+    fire_at = 5 + window + _minutes(rule["for"]) + 1
+    expected = {**labels, **rule["labels"]}
+    return {"name": "TrainingHung", "interval": "1m",
+            "input_series": [
+                {"series": _series_text("gradflow_steps_total", labels), "values": f"0+10x5 50x{fire_at + 5}"},
+                {"series": _series_text("up", {"job": JOB, "instance": INSTANCE}), "values": f"1x{fire_at + 10}"}],
+            "alert_rule_test": [
+                {"eval_time": "4m", "alertname": "TrainingHung", "exp_alerts": []},
+                {"eval_time": f"{fire_at - 2}m", "alertname": "TrainingHung", "exp_alerts": []},
+                {"eval_time": f"{fire_at}m", "alertname": "TrainingHung", "exp_alerts": [{
+                    "exp_labels": expected,
+                    "exp_annotations": {k: _expand(v, labels, 0.0) for k, v in rule["annotations"].items()}}]}]}
 
 
 def _minutes(duration: str) -> int:

@@ -63,6 +63,9 @@ def _rules_parser() -> argparse.ArgumentParser:
                         help="URL under which <Alert>.md runbooks are published (default: %(default)s)")
     parser.add_argument("--job-regex", default=DEFAULT_JOB_REGEX,
                         help="scrape jobs of the agents, for GradflowAgentDown (default: %(default)s)")
+    parser.add_argument("--hung-after", default="10m",
+                        help="TrainingHung: a served run without an optimizer step for this long "
+                             "(a Prometheus duration, above your longest step; default: %(default)s)")
     parser.add_argument("--alert-absent", action="store_true",
                         help="GradflowAgentDown also fires when no target matches --job-regex at all")
     parser.add_argument("--name", default="gradflow-alerts", help="k8s: metadata.name (default: %(default)s)")
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     groups = build_rule_groups(cfg, runbook_base_url=args.runbook_base_url, job_regex=args.job_regex,
-                               alert_absent=args.alert_absent)
+                               alert_absent=args.alert_absent, hung_after=args.hung_after)
     source = args.config or "config/default.yaml"
     if args.format == "k8s":
         text = render_k8s(groups, source, name=args.name, namespace=args.namespace)

@@ -61,7 +61,10 @@ class AlertSpec:
 ALERTS: tuple[AlertSpec, ...] = (
     *(AlertSpec(r.alert, r.kind, r.severities, r.for_) for r in RULES),
     AlertSpec("GradflowAgentDown", "agent_down", ("warning",), "5m"),
+    AlertSpec("TrainingHung", "hung", ("critical",), "5m"),
 )
+#: How long a served run may go without an optimizer step before TrainingHung (plus its `for:`).
+DEFAULT_HUNG_AFTER = "10m"
 
 
 def _by(labels) -> str:
@@ -140,22 +143,45 @@ def _agent_down(runbook_base: str, job_regex: str, alert_absent: bool) -> dict[s
     }
 
 
-def _alert_rules(th: Section, runbook_base: str, job_regex: str, alert_absent: bool) -> list[dict[str, Any]]:
+def _training_hung(runbook_base: str, hung_after: str) -> dict[str, Any]:
+    """The process serves its metrics (up) but its step counter stopped: a collective hang, a deadlocked
+    data loader, a stuck checkpoint write. The agent cannot see this itself: no step, no snapshot."""
+    return {
+        "alert": "TrainingHung",
+        "expr": (f"max by ({_by(RUN_LABELS)}) (changes(gradflow_steps_total[{hung_after}])) == 0\n"
+                 f"and on (job, instance)\n"
+                 f"  max by (job, instance) (up) == 1\n"),
+        "for": "5m",
+        "labels": {"severity": "critical", "kind": "hung"},
+        "annotations": {
+            "summary": "Training of run {{ $labels.run }} (rank {{ $labels.rank }}) has stopped stepping",
+            "description": f"{{{{ $labels.instance }}}} still serves its metrics, but gradflow_steps_total of run "
+                           f"{{{{ $labels.run }}}}, rank {{{{ $labels.rank }}}} has not advanced for {hung_after}: "
+                           "a hung collective, a deadlocked data loader or a stuck checkpoint write.",
+            "runbook_url": f"{runbook_base.rstrip('/')}/TrainingHung.md",
+        },
+    }
+
+
+def _alert_rules(th: Section, runbook_base: str, job_regex: str, alert_absent: bool,
+                 hung_after: str = DEFAULT_HUNG_AFTER) -> list[dict[str, Any]]:
     rules = [_alert(rule, severity, th, runbook_base) for rule in RULES for severity in rule.severities]
     rules.append(_agent_down(runbook_base, job_regex, alert_absent))
+    rules.append(_training_hung(runbook_base, hung_after))
     return rules
 
 
 def build_rule_groups(config: Section | Mapping[str, Any] | str | os.PathLike | None = None, *,
                       runbook_base_url: str = RUNBOOK_BASE_URL, job_regex: str = DEFAULT_JOB_REGEX,
-                      alert_absent: bool = False) -> list[dict[str, Any]]:
+                      alert_absent: bool = False, hung_after: str = DEFAULT_HUNG_AFTER) -> list[dict[str, Any]]:
     """The rule groups (as plain data) for `config`'s thresholds.
 
     `alert_absent` adds `absent(up{job=~job_regex})` to GradflowAgentDown: off by default because
     training jobs come and go, so "no target at all" is normal between runs.
     """
     cfg = config if isinstance(config, Section) else load_config(config)
-    return [{"name": GROUP_NAME, "rules": _alert_rules(cfg.thresholds, runbook_base_url, job_regex, alert_absent)}]
+    return [{"name": GROUP_NAME,
+             "rules": _alert_rules(cfg.thresholds, runbook_base_url, job_regex, alert_absent, hung_after)}]
 
 
 class _Dumper(yaml.SafeDumper):

@@ -93,7 +93,8 @@ def _e2e_rules(tmp: Path) -> Path:
     for group in data["groups"]:
         for rule in group["rules"]:
             if "alert" in rule:
-                rule["for"] = "5s" if rule["alert"] == "GradflowAgentDown" else "0s"
+                # TrainingHung keeps its own timing: the demos linger without stepping by design
+                rule["for"] = {"GradflowAgentDown": "5s", "TrainingHung": rule["for"]}.get(rule["alert"], "0s")
     path = tmp / "gradflow-alerts-e2e.yml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
@@ -244,7 +245,7 @@ def _flagged(stack: Stack, pathology: str, kind: str) -> set[str]:
 
 def test_every_rule_loads_and_evaluates(stack: Stack) -> None:
     rules = [r for g in stack.prometheus.rules() for r in g["rules"]]
-    assert len(rules) == 10
+    assert len(rules) == 11
     bad = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
     assert not bad, bad
 
@@ -292,7 +293,9 @@ def test_pathology_fires_exactly_its_alert_on_the_flagged_layers(stack: Stack, p
 
 def test_healthy_run_fires_nothing(stack: Stack) -> None:
     fired = _fired(stack).get("healthy", {})
-    pending = [s["metric"] for s in stack.ever(f'ALERTS{{instance="{stack.instances["healthy"]}"}}')]
+    # TrainingHung aside: every demo of the stack stops stepping and lingers by design (its own test)
+    pending = [s["metric"] for s in stack.ever(f'ALERTS{{instance="{stack.instances["healthy"]}", '
+                                                f'alertname!="TrainingHung"}}')]
     assert not fired and not pending, f"healthy demo: {fired or pending}"
 
 

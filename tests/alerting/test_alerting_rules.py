@@ -22,7 +22,7 @@ PROMETHEUS_RULE = ROOT / "deploy/k8s/prometheusrule.yaml"
 UNIT_TESTS = ROOT / "deploy/prometheus/tests"
 RUNBOOKS = ROOT / "docs/runbooks"
 DESIGN_ALERTS = {"GradientVanishing", "GradientExploding", "DeadNeurons", "NonFiniteValues", "GradientUnstable",
-                 "ActivationSaturation", "TrainingStalled", "GradflowAgentDown"}
+                 "ActivationSaturation", "TrainingStalled", "GradflowAgentDown", "TrainingHung"}
 
 
 def _default_cfg():
@@ -60,7 +60,7 @@ def test_promtool_checks_the_rule_file_and_the_prometheusrule_groups(tmp_path: P
     extracted.write_text(yaml.safe_dump(groups), encoding="utf-8")
     result = _promtool("check", "rules", str(RULES), str(extracted))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("SUCCESS: 10 rules found") == 2, result.stdout
+    assert result.stdout.count("SUCCESS: 11 rules found") == 2, result.stdout
 
 
 def test_promtool_unit_tests_pass() -> None:
@@ -92,7 +92,7 @@ def test_alerts_fire_exactly_where_the_detector_reports_and_a_drift_fails(tmp_pa
                  a["exp_labels"]["severity"], a["exp_labels"]["layer"])
                 for t in doc["tests"] for c in t["alert_rule_test"] for a in c["exp_alerts"]
                 if "layer" in a["exp_labels"]}
-    assert {name for name, _, _ in expected} == {a.name for a in SHIPPED} - {"GradflowAgentDown"}
+    assert {name for name, _, _ in expected} == {a.name for a in SHIPPED} - {"GradflowAgentDown", "TrainingHung"}
     assert ("GradientVanishing", "critical", "vanishing.c0.escalates") in expected
     assert ("DeadNeurons", "critical", "dead.c1.escalates") in expected
     assert not [e for e in expected if e[2].endswith((".healthy", ".at_threshold", ".nan", ".unknown"))]
@@ -128,7 +128,7 @@ def test_alert_names_and_labels_follow_the_contract() -> None:
         runbook = RUNBOOKS / f"{rule['alert']}.md"
         assert rule["annotations"]["runbook_url"].endswith(f"/docs/runbooks/{rule['alert']}.md")
         assert runbook.is_file(), f"missing runbook {runbook}"
-        if rule["alert"] != "GradflowAgentDown":
+        if rule["alert"] not in ("GradflowAgentDown", "TrainingHung"):
             assert "$labels.layer" in rule["annotations"]["description"]
             assert "$value" in rule["annotations"]["description"]
     for rule in rules:
@@ -146,7 +146,7 @@ def test_per_layer_alerts_aggregate_by_the_five_identity_labels() -> None:
     for rule in _rules(build_rule_groups(_default_cfg())):
         expr = rule["expr"]
         assert " without " not in expr
-        if rule.get("alert") in (None, "GradflowAgentDown"):
+        if rule.get("alert") in (None, "GradflowAgentDown", "TrainingHung"):
             continue
         groupings = re.findall(r"\b(?:max|min|sum)\s+by\s*\(([^)]*)\)", expr)
         joins = re.findall(r"\bon\s*\(([^)]*)\)", expr)
