@@ -39,7 +39,7 @@ from .config import ConfigError, Section, check_runtime, load_config
 from .detect import diagnose
 from .errors import ErrorCounter
 from .export import build_exporters
-from .hooks import HookManager, select_layers
+from .hooks import HookManager, reset_compiled_code, select_layers
 from .snapshot import LAYER_STATS, Snapshot
 from .stats.activations import ActivationStats
 from .stats.engine import transfer
@@ -122,10 +122,7 @@ class Agent:
         self.config: Section = load_config(config)
         check_runtime(self.config)
         log.setLevel(self.config.log.level.upper())
-        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
-            log.warning("gradflow_agent: the model is torch.compile'd; hooks go on the original module and "
-                        "run only if attach() happened before the first compiled call. Attach first, "
-                        "then compile.")
+        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule: the hooks go on the original
             model = model._orig_mod
         self.model = model
         self.scaler = scaler
@@ -188,6 +185,9 @@ class Agent:
         if cfg.dynamics.enabled:
             from .dynamics import dynamics_from_config
             dynamics_from_config(self)
+        if reset_compiled_code():
+            log.info("gradflow_agent: torch.compile'd code already existed; it recompiles once at its next call "
+                     "so that the agent's statistics are traced into the graph")
         self._publish(self._snapshot(strict=True))  # the endpoint serves the layer list from the start
 
     def _bind_parameters(self) -> None:
@@ -607,6 +607,8 @@ class Agent:
         deadline = time.monotonic() + DETACH_BUDGET_SECONDS
         if self.hooks is not None:
             self.hooks.remove()  # first: no hook may run into a half-closed agent
+            if getattr(self.act, "traced", False):  # compiled graphs hold the hooks' ops: recompile without
+                reset_compiled_code()
             self.errors.guard("detach", lambda: self._publish(self._snapshot()))
         self._teardown(deadline)
 

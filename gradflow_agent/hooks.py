@@ -178,6 +178,25 @@ def add_module_hook(module: nn.Module, hook: Callable, *, pre: bool = False, wit
     return _ModuleHandle(module, handle)
 
 
+def reset_compiled_code() -> int:
+    """Drop torch.compile's compiled code in this process; returns how many code objects had some.
+
+    Dynamo's guards ignore module hook dicts, so code compiled before attach never runs the agent's hooks,
+    and code compiled while attached keeps the hooks' ops after detach. Resetting makes the next call
+    recompile once with the hooks as they are now. A no-op when nothing was compiled."""
+    try:
+        import torch._dynamo
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as entries
+        from torch._dynamo.convert_frame import input_codes
+    except (ImportError, AttributeError):  # pragma: no cover - torch without dynamo
+        return 0
+    codes = [ref() for ref in list(getattr(input_codes, "seen", []))]
+    compiled = [c for c in codes if c is not None and entries(c)]
+    for code in compiled:
+        torch._dynamo.reset_code(code)
+    return len(compiled)
+
+
 def tensors_of(output: object) -> list[torch.Tensor]:
     """The tensors of a model output: a tensor, a tuple/list, or a mapping (Hugging Face ModelOutput)."""
     if isinstance(output, torch.Tensor):
@@ -240,8 +259,17 @@ class HookManager(HandleSet):
         layout = isinstance(layer.module, CHANNELS_FIRST)
         index, observe, watch, errors, fails = layer.index, self.on_activation, self.on_output, self.errors, \
             self._fails
+        observe_traced = getattr(observe, "__self__", None) and observe.__self__.observe_traced
 
         def hook(module, inputs, output):
+            if torch.compiler.is_compiling():  # traced into the user's graph: device ops only, no break
+                if self.active and fails[index] >= 0:
+                    y = first_tensor(output)
+                    if y is not None and observe is not None:
+                        observe_traced(index, y, self._channels_first)
+                    if sets_layout or layout:
+                        self._channels_first = layout
+                return
             if not self.active or fails[index] < 0 or torch.is_inference_mode_enabled():
                 return
             t0 = time.perf_counter()
@@ -287,7 +315,9 @@ class HookManager(HandleSet):
         self._on_backward_end = None
 
     def _root_forward_hook(self, module, inputs, output) -> None:
-        if self._on_backward_end is None or not torch.is_grad_enabled() or _in_backward():
+        # not traced into a compiled graph (a graph break); compiled loops step an optimizer anyway
+        if torch.compiler.is_compiling() or self._on_backward_end is None or not torch.is_grad_enabled() \
+                or _in_backward():
             return
         try:
             for t in tensors_of(output):

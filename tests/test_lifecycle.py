@@ -333,11 +333,9 @@ def test_a_grad_scaler_is_reported_and_its_skipped_steps_counted():
     assert agent.info["amp_scaler"] == "true"
 
 
-def test_a_compiled_model_is_monitored_through_its_original_module(caplog):
+def test_a_compiled_model_is_monitored_through_its_original_module():
     model = _model()
     compiled = torch.compile(model)  # lazy: nothing is compiled until it is called
-    with caplog.at_level(logging.WARNING, logger="gradflow_agent"):
-        agent = gradflow_agent.attach(compiled, config())
+    agent = gradflow_agent.attach(compiled, config())
     agent.detach()
     assert agent.model is model and [layer.name for layer in agent.layers][:2] == ["0", "1"]
-    assert any("torch.compile" in r.getMessage() and "Attach first" in r.getMessage() for r in caplog.records)

@@ -85,6 +85,11 @@ class ActivationStats:
         # dead units: per ReLU-family layer, the max output of each unit over the current window
         self._unit_max: dict[int, torch.Tensor] = {}
         self._unit_steps = 0
+        # torch.compile: hooks traced into the user's graph add straight into these device buffers
+        self.traced_counts = torch.zeros(n, 4, dtype=torch.float64, device=device)
+        self._nf_seen = torch.zeros(n, dtype=torch.float64, device=device)
+        self._layer_index = torch.arange(n, device=device)
+        self.traced = False
         self._dead_ratio = np.full(n, np.nan)
         self._last: dict[str, np.ndarray] = {}
         self.nonfinite_total = np.zeros(n)  # a counter: never reset
@@ -128,6 +133,37 @@ class ActivationStats:
             self._track_units(i, view, unit_reduce)
         if len(self._pending_idx) > 4096:  # a loop that never steps (inference): bound the list
             self.fold()
+
+    def observe_traced(self, i: int, y: torch.Tensor, channels_first: bool = False) -> None:
+        """`observe` inside a torch.compile'd graph: the same reductions as device ops added into device
+        buffers in place - no read-back, no Python state but the plan - so the hook adds no graph break
+        and no recompilation (each layer's hook is inlined at its own call site)."""
+        n = y.numel()
+        if n == 0 or not y.is_floating_point():
+            return
+        plan = self._plans[i]
+        if plan is None or plan[0] != y.ndim:
+            plan = self._plan(i, y, channels_first)
+        _, keep, unit_reduce, kind = plan
+        y = y.detach()
+        view = y if n <= self.sample_elements or not self.sample_elements else strided_view(
+            y, self.sample_elements, keep)
+        vals = self._reduce_masked(y, view, kind)
+        self.acc[i] += torch.stack([v.to(torch.float64) for v in vals[:N_COLS]])
+        self.absmax[i] = torch.maximum(self.absmax[i], torch.maximum(-vals[N_COLS], vals[N_COLS + 1]).float())
+        vn = view.numel()
+        den = (vn // max(view.shape[kind.softmax_dim], 1) if kind.softmax_dim is not None else vn) \
+            if kind.bounded else 0
+        self.traced_counts[i] += torch.tensor([float(n), float(vn), float(den), 1.0], dtype=torch.float64,
+                                              device=self.device)
+        if unit_reduce is not None and self.track_dead:
+            unit_max = view.amax(dim=unit_reduce).float()
+            buf = self._unit_max.get(i)
+            if buf is None or buf.shape != unit_max.shape:
+                self._unit_max[i] = unit_max.clone()
+            else:
+                buf.copy_(torch.maximum(buf, unit_max))
+        self.traced = True
 
     @property
     def calls(self) -> list[int]:
@@ -232,13 +268,17 @@ class ActivationStats:
 
     def end_step(self) -> None:
         self.fold()
+        if self.traced and self.origin is not None:  # compiled hooks: this step's new non-finite counts
+            nonfinite = self.acc[:, COLS.index("nonfinite")]
+            self.origin.note(self._layer_index, nonfinite - self._nf_seen, 0)
+            self._nf_seen.copy_(nonfinite)
         if self._unit_max:
             self._unit_steps += 1
 
     # -- snapshot ---------------------------------------------------------------------------------------
     def device_parts(self) -> list[torch.Tensor]:
         self.fold()
-        parts = [self.acc, self.absmax]
+        parts = [self.acc, self.absmax, self.traced_counts]
         if self._unit_max and self._unit_steps >= self.window:
             dead = torch.full((len(self.kinds),), float("nan"), dtype=torch.float64, device=self.device)
             for i, buf in self._unit_max.items():
@@ -251,12 +291,13 @@ class ActivationStats:
         rows = np.array(self._host_rows).reshape(-1, N_COLS + 1)
         acc = host[0].reshape(-1, N_COLS) + rows[:, :N_COLS]
         absmax = np.maximum(host[1], rows[:, N_COLS])
-        if len(host) > 2:  # a dead-unit window completed: publish it and start the next one
-            self._dead_ratio = np.where(np.isnan(host[2]), self._dead_ratio, host[2])
+        traced = host[2].reshape(-1, 4)
+        if len(host) > 3:  # a dead-unit window completed: publish it and start the next one
+            self._dead_ratio = np.where(np.isnan(host[3]), self._dead_ratio, host[3])
             self._unit_max.clear()
             self._unit_steps = 0
         total, vsum, vsumsq, nonzero, sat, nonfinite, view_nonfinite = acc.T
-        numel, view_numel, sat_den, calls = np.array(self._counts, dtype=np.float64).reshape(-1, 4).T
+        numel, view_numel, sat_den, calls = (np.array(self._counts, dtype=np.float64).reshape(-1, 4) + traced).T
         seen = calls > 0
         has_zeros = np.array([k.has_zeros for k in self.kinds], dtype=bool)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -276,6 +317,8 @@ class ActivationStats:
         out["nonfinite_activation"] = self.nonfinite_total.copy()
         self.acc.zero_()
         self.absmax.zero_()
+        self.traced_counts.zero_()
+        self._nf_seen.zero_()
         self._host_rows = [[0.0] * (N_COLS + 1) for _ in self.kinds]
         self._counts = [[0, 0, 0, 0] for _ in self.kinds]
         return out
