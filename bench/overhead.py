@@ -10,6 +10,7 @@ Run on one thread, like the reference figures in the README:
 
     python bench/overhead.py                       # all workloads, default config and "every statistic"
     python bench/overhead.py --workloads tiny --rounds 30
+    python bench/overhead.py --compile --workloads tiny mlp    # both copies torch.compile'd
 """
 
 from __future__ import annotations
@@ -82,12 +83,16 @@ def workloads() -> dict[str, Callable[[], tuple[nn.Module, Callable]]]:
         x, y = torch.randn(32, 128), torch.randint(0, 10, (32,))
         return _mlp(128, 4, 128, 10), lambda: (x, y)
 
-    return {"transformer": transformer, "mlp": mlp, "cnn": cnn, "tiny": tiny}
+    def deep():  # 1000 narrow layers: per-layer dispatch dominates
+        x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+        return _mlp(64, 501, 64, 10), lambda: (x, y)
+
+    return {"transformer": transformer, "mlp": mlp, "cnn": cnn, "tiny": tiny, "deep": deep}
 
 
 def _step(model, opt, batch, agent=None) -> None:
     x, y = batch()
-    out = model(x)
+    out = FORWARD.get(id(model), model)(x)
     loss = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
     loss.backward()
     opt.step()
@@ -97,6 +102,8 @@ def _step(model, opt, batch, agent=None) -> None:
 
 
 CLOCK = time.process_time
+FORWARD: dict[int, Callable] = {}  # id(model) -> its compiled forward (--compile)
+COMPILE = False
 
 
 def _block(model, opt, batch, steps, agent=None) -> float:
@@ -115,6 +122,8 @@ def measure(name: str, config: dict, rounds: int, steps: int) -> tuple[float, fl
     opt = torch.optim.Adam(model.parameters(), 1e-4)
     opt_twin = torch.optim.Adam(twin.parameters(), 1e-4)
     agent = gradflow_agent.attach(twin, config, optimizer=opt_twin)
+    if COMPILE:  # attach first, then compile: the agent's statistics are traced into the graph
+        FORWARD[id(model)], FORWARD[id(twin)] = torch.compile(model), torch.compile(twin)
     for _ in range(2):  # warm-up both
         _block(model, opt, batch, steps)
         _block(twin, opt_twin, batch, steps, agent)
@@ -139,13 +148,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=0, help="rounds per workload (0 = by workload size)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both copies")
     args = parser.parse_args()
-    global CLOCK
+    global CLOCK, COMPILE
+    COMPILE = args.compile
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
-    plan = {"transformer": (8, 3), "mlp": (10, 4), "cnn": (10, 4), "tiny": (30, 50)}
+    plan = {"transformer": (8, 3), "mlp": (10, 4), "cnn": (10, 4), "tiny": (30, 50), "deep": (6, 5)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.clock} clock, gradflow_agent "
-          f"{gradflow_agent.__version__}")
+          f"{gradflow_agent.__version__}{', compiled' if COMPILE else ''}")
     print(f"{'workload':<12} {'config':<8} {'step (ms)':>10} {'ratio':>7}  {'min-max':>13}")
     for name in args.workloads:
         rounds, steps = plan[name]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import sys
 import time
 import weakref
 from collections import OrderedDict
@@ -184,6 +185,8 @@ def reset_compiled_code() -> int:
     Dynamo's guards ignore module hook dicts, so code compiled before attach never runs the agent's hooks,
     and code compiled while attached keeps the hooks' ops after detach. Resetting makes the next call
     recompile once with the hooks as they are now. A no-op when nothing was compiled."""
+    if "torch._dynamo.convert_frame" not in sys.modules:  # nothing was ever compiled (and no import cost)
+        return 0
     try:
         import torch._dynamo
         from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as entries
