@@ -166,6 +166,10 @@ class Agent:
         self._lock = threading.RLock()
         self._latest: Snapshot | None = None
         self.boundary = "optimizer" if optimizer is not None else "unknown"
+        self._computed = True  # gradients are read on this step (sampling.every_n_steps)
+        self.activation_every = 1  # activations on every k-th computed step (the overhead budget)
+        self.overhead_ratio = 0.0  # the agent's share of the step time (moving average)
+        self._budget_clock = (time.perf_counter(), 0.0)
         self._last_fingerprint: torch.Tensor | None = None
 
         output_grads = cfg.stats.gradients.enabled and cfg.stats.gradients.output_grads
@@ -274,7 +278,7 @@ class Agent:
     def _read_gradients(self) -> None:
         if self.hooks.active:
             self.errors.guard("activations", self.act.fold)  # this step's forward comes first
-        if self.hooks.active and self.config.stats.gradients.enabled:
+        if self._computed and self.config.stats.gradients.enabled:
             self.errors.guard("gradients", self.grad.read, self._param_due(self.steps + 1))
 
     def _before_optimizer_step(self) -> None:
@@ -369,7 +373,10 @@ class Agent:
             if self.config.stats.parameters.enabled:
                 guard("parameters", self._parameter_boundary)
             self.origin.step = self.steps + 1  # the next step's forward and backward
-            self.hooks.active = self.steps % self.config.sampling.every_n_steps == 0
+            self._keep_budget(t0)
+            every = self.config.sampling.every_n_steps
+            self._computed = self.steps % every == 0
+            self.hooks.active = self.steps % (every * self.activation_every) == 0
             for plugin in self.plugins:
                 guard(plugin.name, plugin.on_step, self)
             due = self._due()
@@ -380,6 +387,23 @@ class Agent:
                 self._publish_waiting = False
                 self._publish(self._snapshot())
         self._overhead += time.perf_counter() - t0
+
+    def _keep_budget(self, now: float) -> None:
+        """Hold the agent's share of the step time under `sampling.overhead_budget` by measuring
+        activations on fewer steps; a moving average over steps, re-judged every 32 steps."""
+        budget = self.config.sampling.overhead_budget
+        spent = self._overhead + self.hooks.overhead
+        step_time, own = now - self._budget_clock[0], spent - self._budget_clock[1]
+        self._budget_clock = (now, spent)
+        if step_time <= 0:
+            return
+        self.overhead_ratio += 0.1 * (min(own / step_time, 1.0) - self.overhead_ratio)
+        if not budget or self.steps % 32:
+            return
+        if self.overhead_ratio > budget and self.activation_every < 64:
+            self.activation_every *= 2
+        elif self.overhead_ratio < budget / 4 and self.activation_every > 1:
+            self.activation_every //= 2
 
     def _due(self) -> bool:
         """Is a snapshot due after this step? With sharded parameters the snapshot holds a collective, so
@@ -494,6 +518,8 @@ class Agent:
             "layers": float(L),
             "layers_skipped": float(self.layers_skipped),
             "optimizer_steps_skipped_total": float(self.skipped_optimizer_steps),
+            "activation_every_steps": float(self.activation_every * self.config.sampling.every_n_steps),
+            "overhead_ratio": float(self.overhead_ratio),
         }
         if scale_host:
             counters["grad_scale"] = float(scale_host[0][0])

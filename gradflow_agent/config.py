@@ -60,6 +60,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sampling.export_every_n_steps": (_positive, "a positive integer"),
     "sampling.export_every_seconds": (_positive, "a positive number of seconds"),
     "sampling.window": (lambda v: v >= 2, "an integer >= 2"),
+    "sampling.overhead_budget": (lambda v: 0 <= v < 1, "a fraction of the step time in [0, 1) (0 = off)"),
     "stats.activations.saturation_margin": (lambda v: 0 < v < 0.5, "a number in (0, 0.5)"),
     "stats.parameters.every_n_steps": (_positive, "a positive integer"),
     "stats.activations.sample_elements": (_non_negative, "an integer >= 0 (0 = exact)"),

@@ -383,3 +383,19 @@ def test_a_sink_disabled_after_repeated_failures_is_still_closed_at_detach():
     assert not agent.errors.enabled("flaky")
     agent.detach()
     assert Flaky.closed
+
+
+# -- the overhead budget (issue 11): the agent keeps its own share of the step time --------------------
+@pytest.mark.parametrize("budget,lowered", [(0.0005, True), (0.0, False), (0.9, False)])
+def test_the_overhead_budget_lowers_the_activation_cadence_not_the_gradient_watch(budget, lowered):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    agent = gradflow_agent.attach(model, config(sampling={"overhead_budget": budget}), optimizer=opt)
+    _train(model, opt, 200, agent)
+    snap = agent.snapshot()
+    agent.detach()
+    assert (snap.counters["activation_every_steps"] > 1) is lowered
+    assert 0 < snap.counters["overhead_ratio"] <= 1
+    assert snap.step == 200 and snap.layer("0")["grad_pressure"] > 0  # gradients on every step
+    assert agent.grad.filled == min(200, agent.grad.ring.shape[0])
+    assert snap.layer("1")["activation_zero_ratio"] >= 0  # activations still measured, less often

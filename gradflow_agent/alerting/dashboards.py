@@ -338,6 +338,17 @@ def overview(th: Section) -> db.Dashboard:
                          "reductions, snapshots): seconds of agent work per second.", "percentunit",
                          [_query(f"sum by (run, rank) (rate(gradflow_agent_overhead_seconds_total"
                                  f"{{{RUN_SEL}}}[$__rate_interval]))", RUN_LEGEND)], span=8, min_val=0))
+    d = d.with_panel(_ts(p, "Agent share of the step",
+                         "The agent's own time on the training thread as a share of the step time (moving "
+                         "average), which it keeps under sampling.overhead_budget.", "percentunit",
+                         [_query(f"max by (run, rank) (gradflow_agent_overhead_ratio{{{RUN_SEL}}})", RUN_LEGEND)],
+                         span=8, min_val=0))
+    d = d.with_panel(_ts(p, "Activation cadence",
+                         "Activations are measured on every n-th step: the agent raises n while its share of "
+                         "the step time stays above sampling.overhead_budget (gradients stay on every step).",
+                         "short",
+                         [_query(f"max by (run, rank) (gradflow_agent_activation_every_steps{{{RUN_SEL}}})",
+                                 RUN_LEGEND)], span=8, min_val=0))
     d = d.with_panel(_ts(p, "Agent errors",
                          "Errors the agent caught and survived, by component (an exporter that cannot "
                          "push, a hook that failed). Non-zero means some statistics may be missing.",

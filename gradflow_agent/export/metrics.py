@@ -97,6 +97,11 @@ RUN_METRICS = {
     "optimizer_steps_skipped_total": Metric("gradflow_optimizer_steps_skipped_total", "counter",
                                             "Steps where agent.step() saw no optimizer step (e.g. a "
                                             "GradScaler skipped it after finding inf/NaN).", "{step}"),
+    "activation_every_steps": Metric("gradflow_agent_activation_every_steps", "gauge",
+                                     "Activations are measured on every n-th step (raised by the agent to keep "
+                                     "sampling.overhead_budget)."),
+    "overhead_ratio": Metric("gradflow_agent_overhead_ratio", "gauge",
+                             "The agent's share of the training step time (moving average).", "1"),
     "grad_scale": Metric("gradflow_grad_scale", "gauge", "The GradScaler's loss scale (AMP), when one is given."),
     "snapshot_time": Metric("gradflow_last_snapshot_timestamp_seconds", "gauge",
                             "Unix time of the latest published snapshot.", "s"),
