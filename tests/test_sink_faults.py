@@ -543,3 +543,15 @@ def test_background_close_without_a_deadline_is_bounded_and_close_errors_are_cou
     worker.publish(2)  # after close: ignored
     assert time.monotonic() - t0 < 2.0
     assert errors.counts["failing"] == 2
+
+
+def test_pushgateway_without_the_http_server_still_pushes(tmp_path):
+    """`prometheus.enabled: false` with a Pushgateway URL (a batch job nobody scrapes) pushes its registry."""
+    with pushgateway(tmp_path) as url:
+        cfg = {"prometheus": {"enabled": False, "pushgateway": {"url": url, "interval_seconds": 60.0}}}
+        agent, model, opt = _attach(**cfg)
+        assert agent.prometheus_url is None
+        _train(agent, model, opt, steps=5)
+        agent.detach()
+        steps = gateway_samples(url, "gradflow_steps_total")
+        assert len(steps) == 1 and steps[0].value == 5 and agent.errors.total == 0
