@@ -189,6 +189,9 @@ class Agent:
         if cfg.dynamics.enabled:
             from .dynamics import dynamics_from_config
             dynamics_from_config(self)
+        if cfg.stats.attention.enabled:
+            from .integrations.attention import AttentionPlugin
+            self.add_plugin(AttentionPlugin(model))
         if reset_compiled_code():
             log.info("gradflow_agent: torch.compile'd code already existed; it recompiles once at its next call "
                      "so that the agent's statistics are traced into the graph")

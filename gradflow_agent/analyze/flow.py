@@ -14,10 +14,23 @@ aggregate with the analyzer's thresholds, depth and bottleneck structure is chec
 extensions (vector analysis, Jacobian spectra, recurrent/attention/policy analysis) add their own
 measurements. Only the defaults differ: seed 003's thresholds (vanishing 1e-6, exploding 10) for
 GradientFlowAnalyzer, seed 004's (0.01, 100) for FlowAnalyzer.
+
+Compression (effective rank of a layer's input / of its output) is judged - BOTTLENECK - only on layers that
+own parameters: a learned map from the features it receives to the features it returns. A parameterless
+module's output need not be a function of the tensor its hook sees as input (a rotary embedding returns
+cos/sin of the positions whatever the hidden states: a "compression" of 12x on a healthy model), and where
+it is (activations, pooling, reshapes) its rank change is fixed by design or judged by the dead and
+saturation detectors. Rotary embeddings (`*RotaryEmbedding*`, `*RoPE*` types) get no compression ratio at
+all (their input rank is left NaN), whatever they own. With `enable_jacobian`, a recurrent module
+(nn.RNN/LSTM/GRU) is judged on its recurrent weights weight_hh_l{k} (see recurrent.recurrent_weight_spectra),
+not on its first parameter (the input weight weight_ih_l0).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,11 +101,31 @@ class VectorExtension(Extension):
         return ExtensionResult(vector_issues(vm, th, run.history.steps[-1]), sec, {m.layer: m for m in vm})
 
 
+_POSITIONAL = re.compile(r"Rotary|RoPE", re.IGNORECASE)
+
+
+def positional_only(module: nn.Module) -> bool:
+    """A rotary embedding: its output is a function of the positions, not of its input's features."""
+    return bool(_POSITIONAL.search(type(module).__name__))
+
+
+def judges_compression(module: nn.Module) -> bool:
+    """Whether a layer's compression ratio means anything (see the module docstring): it owns parameters
+    and is not a rotary embedding."""
+    return not positional_only(module) and next(module.parameters(recurse=False), None) is not None
+
+
 class JacobianExtension(Extension):
     name = "jacobian"
 
     def evaluate(self, run: AnalysisRun, metrics: list[FlowMetrics], th: FlowThresholds) -> ExtensionResult:
-        spectra = layer_spectra(run.layers)
+        spectra = []
+        for layer in run.layers:
+            if isinstance(layer.module, nn.RNNBase):  # the recurrent weights, not weight_ih_l0
+                from .recurrent import recurrent_weight_spectra
+                spectra.extend(recurrent_weight_spectra(layer.name, layer.module))
+            else:
+                spectra.extend(layer_spectra([layer]))
         rows = [[s.layer, "x".join(map(str, s.shape)), s.spectral_norm, s.condition_number, s.effective_rank,
                  s.stable_rank, s.spectral_radius] for s in spectra]
         sec = section("Jacobian (weight spectra)", summary={"matrices": len(spectra)},
@@ -154,9 +187,14 @@ class FlowEngine:
         metrics = compute_metrics(run.history, agg, order=run.flow.order, rank_in=run.flow.effective_rank_in(),
                                   rank_out=run.flow.effective_rank_out(), log_gain=run.flow.log_gain(),
                                   width=run.flow.width)
+        modules = {layer.name: layer.module for layer in run.layers}
+        metrics = [dataclasses.replace(m, effective_rank_in=math.nan) if m.layer in modules and
+                   positional_only(modules[m.layer]) else m for m in metrics]
+        judged = {name for name, module in modules.items() if judges_compression(module)}
         step = int(run.history.steps[-1])
         profile = depth_profile(metrics)
-        issues = scalar_issues(agg, th) + depth_issues(profile, th, step) + bottleneck_issues(metrics, th, step)
+        issues = scalar_issues(agg, th) + depth_issues(profile, th, step) + \
+            [i for i in bottleneck_issues(metrics, th, step) if i.layer in judged]
         sections: dict[str, dict[str, Any]] = {}
         if profile is not None:
             sections["depth"] = section(

@@ -28,6 +28,7 @@ random unit vector u and P = sum over the batch of u . h_T (the layer's last hid
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from ..report.flow_report import section, series, table
 from .base import FlowIssue, FlowThresholds, IssueSeverity, IssueType, jsonable, make_issue
 from .engine import AnalysisRun, Collector, batches_from, rank_steps
 from .flow import Extension, ExtensionResult, FlowEngine
-from .jacobian import entropy_effective_rank
+from .jacobian import WeightSpectrum, entropy_effective_rank, weight_spectrum
 from .metrics import FlowMetrics
 
 State = Any  # a tensor, or a tuple of tensors (LSTM: (h, c)); the hidden state is its first element
@@ -121,15 +122,37 @@ def module_cell(module: nn.RNNBase, layer: int) -> tuple[StepFn, str]:
     return rnn, f"RNN_{module.nonlinearity.upper()}"
 
 
-def candidate_block(module: nn.RNNBase, layer: int) -> torch.Tensor:
-    """The recurrent matrix of the candidate state (RNN: W_hh, LSTM: its g block, GRU: its n block)."""
-    w_hh = getattr(module, f"weight_hh_l{layer}").detach()
+def candidate_block(module: nn.RNNBase, layer: int, suffix: str = "") -> torch.Tensor:
+    """The recurrent matrix of the candidate state (RNN: W_hh, LSTM: its g block, GRU: its n block);
+    suffix "_reverse" for the backward direction of a bidirectional module."""
+    w_hh = getattr(module, f"weight_hh_l{layer}{suffix}").detach()
     H = module.hidden_size
     if isinstance(module, nn.LSTM):
         return w_hh[2 * H:3 * H]
     if isinstance(module, nn.GRU):
         return w_hh[2 * H:3 * H]
     return w_hh
+
+
+def recurrent_weight_spectra(name: str, module: nn.RNNBase) -> list[WeightSpectrum]:
+    """The Jacobian view of a recurrent module: one spectrum per layer (and direction) of its recurrent
+    weight weight_hh_l{k}, the matrix the state goes through at every timestep (weight_ih acts on the input).
+
+    Singular values, condition number and ranks are those of the whole weight_hh (the gates stacked: (G*H, H)
+    for LSTM G=4, GRU G=3); the spectral radius is max |eig| of its candidate block (RNN: W_hh itself, LSTM:
+    the g block, GRU: the n block), the same weight radius the RecurrentAnalyzer reports. Labels: the module's
+    name for one unidirectional layer, else `name[layer k]` / `name[layer k reverse]`."""
+    out = []
+    directions = ("", "_reverse") if module.bidirectional else ("",)
+    for layer in range(module.num_layers):
+        for suffix in directions:
+            single = module.num_layers == 1 and not module.bidirectional
+            label = name if single else f"{name}[layer {layer}{' reverse' if suffix else ''}]"
+            spec = weight_spectrum(label, getattr(module, f"weight_hh_l{layer}{suffix}"))
+            if spec is not None:
+                radius = spectral_radius(candidate_block(module, layer, suffix))
+                out.append(dataclasses.replace(spec, spectral_radius=radius))
+    return out
 
 
 def hidden_effective_rank(h: torch.Tensor) -> float:
@@ -616,4 +639,5 @@ def analyze_unrolled(cell: Callable[[torch.Tensor, State], State], inputs: torch
 
 
 __all__ = ["RecurrentAnalyzer", "RecurrentDynamics", "RecurrentExtension", "TemporalMetrics",
-           "analyze_unrolled", "criticality", "effective_memory", "temporal_decay_rate", "unroll_module"]
+           "analyze_unrolled", "criticality", "effective_memory", "recurrent_weight_spectra", "temporal_decay_rate",
+           "unroll_module"]

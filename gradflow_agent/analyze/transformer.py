@@ -3,9 +3,14 @@
 Attention maps come through forward hooks: an nn.MultiheadAttention gets a forward pre-hook that asks for
 per-head weights (need_weights=True, average_attn_weights=False; same outputs), and its forward hook reads
 them; an nn.Softmax layer whose output is (batch, heads, queries, keys) or (batch, queries, keys) is read
-as an attention map too (custom attention). For a map A with valid positions V (from the attention mask,
-the key-padding mask or is_causal; for nn.Softmax, the positions non-zero somewhere in the batch), each
-row i having n_i valid keys:
+as an attention map too (custom attention). Functional attention, with no module whose output is the
+map, is read through `gradflow_agent.integrations.attention` (the statistics of the live AttentionPlugin):
+transformers' attention functions (eager, sdpa and any registered one: Llama, GPT-2, BERT, Qwen, ... under
+the attention module's name, `model.layers.0.self_attn`), `F.scaled_dot_product_attention` calls and
+attention-shaped softmax calls made inside a module; the map is recomputed from the call's query, key and
+mask on every head x up to 64 query positions x up to 4 samples (never the full matrix of a fused kernel).
+For a map A with valid positions V (from the attention mask, the key-padding mask or is_causal; for
+softmax outputs, the positions non-zero somewhere in the batch), each row i having n_i valid keys:
 
 - entropy (normalised) = mean over rows with n_i >= 2 of -sum_j A_ij ln A_ij / ln n_i, per head, in [0, 1];
 - sparsity = share of valid entries with A_ij < 0.1 / n_i (less than a tenth of the uniform share);
@@ -15,7 +20,10 @@ row i having n_i valid keys:
   [0, 1]: 0 = identical heads, ~1 = unrelated heads (uniform, pattern-free heads are left out);
 - Q/K/V gradient balance = max / min of the mean L2 norms of the gradients of the query, key and value
   projection weights (in_proj_weight split in three, or q/k/v-named Linear layers);
-- residual stream, per block (the module holding an attention layer): token residual
+- residual stream, per block (the module holding an attention layer: its parent, or the closest ancestor
+  with a feed-forward part, e.g. BERT's layer around `attention.self`; the attention module itself when
+  its parent is a plain Sequential/ModuleList; for functional attention read from the second step on):
+  token residual
   res(X) = mean over samples ||X - 1 mean_t(X_t)||_F / ||X||_F (0 = every token identical) and the mean
   L2 norm of dL/d(block output). rank-collapse ratio = res(last block output) / res(first block input):
   risk HIGH below 0.1, MEDIUM below 0.3, LOW otherwise (UNKNOWN without blocks). residual gradient ratio =
@@ -23,8 +31,11 @@ row i having n_i valid keys:
 - FFN: the first and last Linear of a block outside its attention: compression = effective rank of the FFN
   input / effective rank of its hidden activation (the last Linear's input); dead hidden units = share of
   hidden units never > 0 over the analysis;
-- norm placement: `norm_first` when the block has it; otherwise pre-norm if a LayerNorm of the block runs
-  before its attention, post-norm if they all run after it.
+- norm placement: `norm_first` when the block has it; otherwise pre-norm if a LayerNorm (or RMSNorm) of the
+  block runs before its attention, post-norm if they all run after it.
+
+When no attention at all was measured the result says so (`notice`, also in the report's meta["notices"]
+and the section), and rank_collapse_risk is UNKNOWN with its `risk_reason`: never a silent NaN.
 
 Issues: LOW_ATTENTION_ENTROPY (entropy < min_entropy_threshold, HIGH below half of it), LOW_HEAD_DIVERSITY
 (< min_diversity_threshold), ATTN_BOTTLENECK (sink > sink_threshold), RANK_COLLAPSE (risk MEDIUM/HIGH),
@@ -34,6 +45,7 @@ FFN_BOTTLENECK (compression >= bottleneck_ratio or dead hidden units > ffn_dead_
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -44,11 +56,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..integrations.attention import AttentionHandle, install
 from ..report.flow_report import section, table
+from ..stats.attention import AttentionSample
 from .base import FlowIssue, FlowThresholds, IssueSeverity, IssueType, jsonable, make_issue
 from .engine import AnalysisRun, Collector, batches_from
 from .flow import Extension, ExtensionResult, FlowEngine
 from .metrics import FlowMetrics
+
+log = logging.getLogger("gradflow_agent")
+
+# Functional attention (transformers' registry, F.scaled_dot_product_attention, attention-shaped softmax) is
+# recomputed on these rows of each call: every head, up to 64 query positions of up to 4 samples.
+ANALYZER_SAMPLE = AttentionSample(heads=None, queries=64, batch=4)
+NO_ATTENTION = ("no attention was measured: the model has no nn.MultiheadAttention or nn.Softmax layer, and no "
+                "transformers attention function, F.scaled_dot_product_attention or attention-shaped softmax call "
+                "ran inside it; attention entropy, sparsity and head diversity are unknown")
 
 _QKV = {"q": re.compile(r"(^|[._])(q|query|q_proj|to_q|wq|q_lin)$"),
         "k": re.compile(r"(^|[._])(k|key|k_proj|to_k|wk|k_lin)$"),
@@ -213,6 +236,8 @@ class AttentionStats:
     residual_gradient_ratio: float
     layers: dict[str, AttentionLayerMetrics] = field(default_factory=dict)
     blocks: list[BlockMetrics] = field(default_factory=list)
+    notice: str = ""  # what could not be measured, and why (empty when every attention layer was read)
+    risk_reason: str = ""  # why rank_collapse_risk is UNKNOWN
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable({k: v for k, v in self.__dict__.items() if k not in ("layers", "blocks")} |
@@ -220,8 +245,54 @@ class AttentionStats:
                          "blocks": [b.to_dict() for b in self.blocks]})
 
 
+def _is_norm(module: nn.Module) -> bool:
+    rms = getattr(nn, "RMSNorm", nn.LayerNorm)
+    return isinstance(module, (nn.LayerNorm, rms)) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or transformers' Conv1D (GPT-2: a Linear with its weight transposed)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _branch(block: nn.Module, attn_mod: nn.Module) -> nn.Module:
+    """The child of `block` that holds the attention module (BERT: `attention` around `attention.self`)."""
+    for child in block.children():
+        if any(m is attn_mod for m in child.modules()):
+            return child
+    return attn_mod
+
+
+def _outside_linears(block: nn.Module, attn_mod: nn.Module) -> list[nn.Module]:
+    inside = {id(m) for m in _branch(block, attn_mod).modules()}
+    return [m for m in block.modules() if _is_linear(m) and id(m) not in inside]
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def block_of(model: nn.Module, attn_name: str) -> str:
+    """The block (residual unit) of an attention layer: the closest ancestor below the root, not a plain
+    container, holding a feed-forward part (two Linear layers outside the attention branch), else its
+    parent; when the parent is a plain container (a stack of blocks), the attention module itself (it holds
+    its residual: a hand-written block calling sdpa); "" at the top level."""
+    if "." not in attn_name:
+        return ""
+    attn_mod = model.get_submodule(attn_name)
+    parts = attn_name.split(".")
+    parent = ".".join(parts[:-1])
+    for k in range(len(parts) - 1, 0, -1):
+        name = ".".join(parts[:k])
+        mod = model.get_submodule(name)
+        if not isinstance(mod, _CONTAINERS) and len(_outside_linears(mod, attn_mod)) >= 2:
+            return name
+    return attn_name if isinstance(model.get_submodule(parent), _CONTAINERS) else parent
+
+
 class AttentionCollector(Collector):
-    """Attention maps (MHA and softmax layers), Q/K/V gradients, block streams, FFN hidden units."""
+    """Attention maps (MHA and softmax layers, and functional attention: transformers' attention functions,
+    F.scaled_dot_product_attention, attention-shaped softmax calls, read through integrations/attention.py),
+    Q/K/V gradients, block streams, FFN hidden units."""
 
     def __init__(self, attention_layers: list[str] | None = None) -> None:
         self.only = attention_layers
@@ -230,11 +301,21 @@ class AttentionCollector(Collector):
         self._qkv_params: dict[str, dict[str, tuple[torch.Tensor, slice | None]]] = {}
         self.blocks: dict[str, dict[str, Any]] = {}
         self._kwargs: dict[int, dict[str, Any]] = {}
+        self.functional: list[str] = []  # attention layers seen through a function call, in call order
+        self._pending: list[str] = []  # functional layers whose block is registered at the next step
+        self._handle: AttentionHandle | None = None
+        self._run: AnalysisRun | None = None
+        self._names: dict[nn.Module, str] = {}
+
+    @property
+    def unsupported(self) -> dict[str, str]:
+        return dict(self._handle.unsupported) if self._handle is not None else {}
 
     # -- registration -----------------------------------------------------------------------------------------
     def attach(self, run: AnalysisRun) -> None:
         model = run.model
         names = {m: n for n, m in model.named_modules()}
+        self._run, self._names = run, names
         attn_names = []
         for layer in run.layers:
             mod = layer.module
@@ -251,31 +332,56 @@ class AttentionCollector(Collector):
                 parent = model.get_submodule(layer.name.rsplit(".", 1)[0]) if "." in layer.name else model
                 self._qkv_params[layer.name] = self._named_qkv(parent, set())  # q/k/v Linear siblings, by name
         for name in attn_names:
-            parent = name.rsplit(".", 1)[0] if "." in name else ""
-            if not parent or parent in self.blocks:
-                continue
-            block = model.get_submodule(parent)
-            if block is model:
-                continue
-            self._add_block(run, parent, block, names, name)
+            self._block_for(run, name)
+        # functional attention: every module path above is excluded (read by its own hooks already)
+        handle = install(model, self, softmax=True, sample=ANALYZER_SAMPLE, exclude=attn_names,
+                         active=lambda: run.probes.enabled, errors=run.agent.errors)
+        self._handle = handle
+        run.probes._handles.append(handle)  # removed with the probes, whatever happens to the run
+
+    def _block_for(self, run: AnalysisRun, attn_name: str) -> None:
+        parent = block_of(run.model, attn_name)
+        if not parent or parent in self.blocks:
+            return
+        block = run.model.get_submodule(parent)
+        if block is run.model:
+            return
+        self._add_block(run, parent, block, self._names, attn_name)
+
+    def observe(self, name: str, probs: torch.Tensor, valid: torch.Tensor) -> None:
+        """A functional attention call, sampled (every head, up to 64 queries of 4 samples)."""
+        if self.only is not None and name not in self.only:
+            return
+        if name not in self.acc:
+            self.functional.append(name)
+            self._pending.append(name)
+            if name != "(root)" and self._run is not None:
+                self._qkv_params[name] = self._named_qkv(self._run.model.get_submodule(name), set())
+        self._record(name, probs, valid)
+
+    def begin_step(self, run: AnalysisRun) -> None:
+        # blocks of layers found in the previous step: registering them mid-forward would see half a call
+        pending, self._pending = self._pending, []
+        for name in pending:
+            if name != "(root)":
+                self._block_for(run, name)
 
     def _add_block(self, run: AnalysisRun, name: str, block: nn.Module, names: dict[nn.Module, str],
                    attn_name: str) -> None:
         attn_mod = run.model.get_submodule(attn_name)
         batch_first = bool(getattr(attn_mod, "batch_first", True))
-        inside_attn = {id(m) for m in attn_mod.modules()}
-        linears = [m for m in block.modules() if isinstance(m, nn.Linear) and id(m) not in inside_attn]
+        linears = _outside_linears(block, attn_mod)
         info: dict[str, Any] = {"res_in": [], "res_out": [], "grad": [], "calls": [], "order": None,
                                 "token_dim": 1 if batch_first else 0, "ffn_in": "", "ffn_out": "",
                                 "fired": None, "norm_first": getattr(block, "norm_first", None),
                                 "qkv_block": {}}
         self.blocks[name] = info
         if attn_name not in self._qkv_params or not self._qkv_params[attn_name]:
-            self._qkv_params[attn_name] = self._named_qkv(block, inside_attn)
-        run.probes.forward(block, self._block_hook(name, run), name="block-probe")
+            self._qkv_params[attn_name] = self._named_qkv(block, set())
+        run.probes.forward(block, self._block_hook(name, run), name="block-probe", with_kwargs=True)
         for child in block.modules():
-            if isinstance(child, nn.LayerNorm) or child is attn_mod:
-                kind = "norm" if isinstance(child, nn.LayerNorm) else "attn"
+            if _is_norm(child) or child is attn_mod:
+                kind = "attn" if child is attn_mod else "norm"
                 run.probes.forward(child, lambda m, a, o, kind=kind, info=info: info["calls"].append(kind),
                                    name="block-order")
         if len(linears) >= 2:
@@ -350,8 +456,9 @@ class AttentionCollector(Collector):
     def _block_hook(self, name: str, run: AnalysisRun) -> Callable[..., None]:
         info = self.blocks[name]
 
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states")
+            x = x if isinstance(x, torch.Tensor) else None
             y = output[0] if isinstance(output, tuple) else output
             if info["order"] is None:
                 info["order"] = len([b for b in self.blocks.values() if b["order"] is not None])
@@ -443,12 +550,22 @@ class TransformerExtension(Extension):
             blocks[0].token_residual_in > 0 else float("nan")
         grad_ratio = blocks[0].output_grad_norm / blocks[-1].output_grad_norm if len(blocks) >= 2 and \
             blocks[-1].output_grad_norm > 0 else float("nan")
+        notices = [] if layers else [NO_ATTENTION]
+        notices += [f"{name}: not measured ({why})" for name, why in c.unsupported.items() if name not in layers]
+        risk = rank_collapse_risk(ratio)
+        reason = ""
+        if risk == "UNKNOWN":
+            reason = ("no attention was measured, so no transformer block was found" if not layers else
+                      "no block around the attention layers was measured (attention at the model's top level, "
+                      "or a single analysis step: functional attention's blocks are read from the second step)"
+                      if not blocks else "the token residual of the blocks' input could not be measured")
         return AttentionStats(
             attention_entropy_mean=_mean([m.entropy_mean for m in layers.values()]),
             attention_sparsity=_mean([m.sparsity for m in layers.values()]),
             head_diversity=_mean([m.head_diversity for m in layers.values()]),
-            rank_collapse_risk=rank_collapse_risk(ratio), rank_collapse_ratio=ratio,
-            residual_gradient_ratio=grad_ratio, layers=layers, blocks=blocks)
+            rank_collapse_risk=risk, rank_collapse_ratio=ratio,
+            residual_gradient_ratio=grad_ratio, layers=layers, blocks=blocks, notice="; ".join(notices),
+            risk_reason=reason)
 
     def issues(self, st: AttentionStats, th: FlowThresholds, step: int = 0) -> list[FlowIssue]:
         t = self.th
@@ -518,13 +635,18 @@ def attention_section(st: AttentionStats) -> dict[str, Any]:
         tables.append(table("Blocks (residual stream and FFN)", ["block", "depth", "norm", "token residual in",
                                                                  "token residual out", "|dL/d out|",
                                                                  "FFN compression", "FFN dead units"], brows))
-    return section("Attention", summary={"attention entropy (mean)": st.attention_entropy_mean,
-                                         "attention sparsity": st.attention_sparsity,
-                                         "head diversity": st.head_diversity,
-                                         "rank collapse risk": st.rank_collapse_risk,
-                                         "rank collapse ratio": st.rank_collapse_ratio,
-                                         "residual gradient ratio (first/last block)": st.residual_gradient_ratio},
-                   tables=tables)
+    summary: dict[str, Any] = {"attention layers measured": len(st.layers),
+                               "attention entropy (mean)": st.attention_entropy_mean,
+                               "attention sparsity": st.attention_sparsity,
+                               "head diversity": st.head_diversity,
+                               "rank collapse risk": st.rank_collapse_risk,
+                               "rank collapse ratio": st.rank_collapse_ratio,
+                               "residual gradient ratio (first/last block)": st.residual_gradient_ratio}
+    if st.risk_reason:
+        summary["rank collapse risk (why unknown)"] = st.risk_reason
+    if st.notice:
+        summary["notice"] = st.notice
+    return section("Attention", summary=summary, tables=tables, notes=st.notice)
 
 
 def _mean(values: Any) -> float:
@@ -562,8 +684,13 @@ class TransformerAnalyzer(FlowEngine):
     def analyze(self, input_fn: Callable[[], Any], loss_fn: Callable[[Any], torch.Tensor], steps: int = 20
                 ) -> tuple[list[FlowIssue], AttentionStats]:
         report = self._run(self.model, batches_from(input_fn), loss_fn, steps)
-        st = self.results.get("attention") or AttentionStats(float("nan"), float("nan"), float("nan"), "UNKNOWN",
-                                                             float("nan"), float("nan"))
+        st = self.results.get("attention") or AttentionStats(
+            float("nan"), float("nan"), float("nan"), "UNKNOWN", float("nan"), float("nan"),
+            notice="attention was not tracked (track_attention_weights=False)",
+            risk_reason="attention was not tracked")
+        if st.notice:
+            report.meta.setdefault("notices", []).append(st.notice)
+            log.warning("gradflow_agent: TransformerAnalyzer: %s", st.notice)
         return report.issues, st
 
     def print_summary(self, issues: list[FlowIssue] | None = None, attn_stats: AttentionStats | None = None,

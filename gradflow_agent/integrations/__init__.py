@@ -12,6 +12,7 @@ from typing import Any
 _LAZY = {  # name -> submodule; each submodule names its extra (hf, lightning) when the framework is missing
     "GradflowCallback": "huggingface",
     "GradflowLightningCallback": "lightning",
+    "AttentionPlugin": "attention",  # attention statistics without an attention module (no extra needed)
 }
 
 __all__ = sorted(_LAZY)

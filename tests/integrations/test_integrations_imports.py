@@ -28,7 +28,7 @@ def test_imports_without_the_frameworks():
     out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0] == "['GradflowCallback', 'GradflowLightningCallback']"
+    assert lines[0] == "['AttentionPlugin', 'GradflowCallback', 'GradflowLightningCallback']"
     assert lines[1] == ("GradflowCallback -> gradflow_agent.integrations.GradflowCallback needs the hf extra: "
                         "pip install 'gradflow-agent[hf]'")
     assert lines[2] == ("GradflowLightningCallback -> gradflow_agent.integrations.GradflowLightningCallback needs "
