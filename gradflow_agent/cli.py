@@ -27,11 +27,18 @@ DELEGATED: dict[str, tuple[str, str, str | None]] = {
     "dashboards": ("gradflow_agent.alerting.dashboards_cli", "write the Grafana dashboards from a config",
                    "dashboards"),
     "report": ("gradflow_agent.report.cli", "turn a JSONL flight record into an HTML/JSON/text report", None),
+    "top": ("gradflow_agent.report.top", "live terminal view of a running job's /metrics (or via Prometheus)", None),
 }
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.steps <= 0:
+        print(f"gradflow-agent demo: error: --steps must be a positive number of steps, not {args.steps}",
+              file=sys.stderr)
+        return 2
     require_extra("demo", "gradflow-agent demo")  # rich draws its progress bar and tables
+    if not args.quiet:  # importing torch takes seconds: say something first
+        print("gradflow-agent demo: starting (importing torch)...", flush=True)
     from .demo import run
     issues = run(pathology=args.pathology, steps=args.steps, port=args.port, addr=args.addr,
                  config=args.config, step_delay=args.step_delay, linger=args.linger, quiet=args.quiet)

@@ -21,6 +21,7 @@ DEMO_CONFIG = {
     "sampling": {"export_every_n_steps": 10, "export_every_seconds": 1.0, "window": 20},
     "stats": {"parameters": {"every_n_steps": 1}},
     "thresholds": {"warmup_steps": 10},
+    "log": {"level": "WARNING"},  # run() prints the metrics URL itself, once, on its own line
 }
 
 
@@ -81,9 +82,17 @@ def build(pathology: str | None, seed: int = 0) -> Workload:
                 return x, y
     elif pathology == "vanishing":  # deep sigmoid stack with a small initialisation
         model = _mlp([d_in] + [64] * 9 + [d_out], nn.Sigmoid)
-        _scale_init(model, 0.5)
-        # a tiny eps keeps Adam's steps lr-sized even for ~1e-9 gradients: vanishing, not also stalled
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-14)
+        # Each sigmoid layer shrinks the backward signal ~8x: layer 0's pressure ~5e-8 and layer 2's ~4e-7
+        # are below the 1e-6 threshold but above its critical band (1e-8), so the alert is a warning
+        # (Alertmanager pages only on critical ones); layer 4 (~2.5e-6) joins them after ~10000 steps.
+        _scale_init(model, 0.7)
+        # A tiny eps keeps Adam's steps lr-sized even for ~1e-9 gradients: vanishing, not also stalled
+        # (update ratio ~5e-6, 50 times the stalled threshold). A small lr keeps the fault for the whole
+        # run: at lr 1e-3 Adam re-scales the weights within ~200 steps, the gradients recover (pressure
+        # ~4e-3, so GradientVanishing never reaches its 10 min `for:`) and the grown weights saturate the
+        # sigmoids instead. At 1e-6 the pressures hold over 20000 steps, with no saturated output
+        # (tests/test_demo_terminal.py checks 2000).
+        opt = torch.optim.Adam(model.parameters(), lr=1e-6, eps=1e-14)
     elif pathology == "exploding":  # too large an initialisation gain; a tiny LR keeps it finite
         model = _mlp([d_in, 64, 64, 64, 64, 64, d_out], nn.ReLU)
         _scale_init(model, 4.0)
@@ -115,18 +124,41 @@ def train_step(w: Workload, step: int, agent=None) -> torch.Tensor:
     return loss
 
 
+def _status(loss: float, kinds: list[str], room: int) -> str:
+    """The progress line's tail in `room` characters: the loss, then as many issue kinds as fit."""
+    text = f"loss {loss:.3g}  issues: {', '.join(kinds) or '-'}"
+    for n in range(len(kinds) - 1, 0, -1):
+        if len(text) <= room:
+            break
+        text = f"loss {loss:.3g}  issues: {', '.join(kinds[:n])} +{len(kinds) - n}"
+    return text
+
+
 def run(pathology: str | None = None, steps: int = 400, port: int = 9464, addr: str = "127.0.0.1",
         config: str | None = None, step_delay: float = 0.01, linger: float = 0.0, quiet: bool = False) -> list:
-    """Train with the agent attached, show progress and a health table, return the detected issues."""
+    """Train with the agent attached, show progress and a health table, return the detected issues.
+
+    Everything fits the console's width (80 columns included): the metrics URL is printed once, on its
+    own line, so that a terminal never breaks it; the agent's own INFO line saying the same is silenced.
+    """
+    if steps <= 0:
+        raise ValueError(f"steps must be positive, not {steps}")
     import yaml
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from . import attach
     from .config import load_default, merge
     from .report.live import health_table, issues_table
 
-    console = Console(quiet=quiet, width=None if Console().is_terminal else 130)
+    console = Console(quiet=quiet)  # the terminal's width, else $COLUMNS, else 80
     cfg = merge(load_default(), DEMO_CONFIG, "demo defaults")
     if config:
         with open(config, encoding="utf-8") as fh:
@@ -136,25 +168,34 @@ def run(pathology: str | None = None, steps: int = 400, port: int = 9464, addr: 
         cfg["run"]["name"] = f"demo-{pathology}"
     w = build(pathology)
     agent = attach(w.model, cfg, optimizer=w.optimizer)
-    console.print(f"[bold]gradflow-agent demo[/] ({pathology or 'healthy'}): metrics at "
-                  f"[cyan]{agent.prometheus_url}[/]")
+    where = " (all interfaces)" if addr in ("0.0.0.0", "::", "") else ""
+    # Plain prints, also with --quiet: whoever started the demo needs the URL (a script, a container log).
+    print(f"gradflow-agent demo ({pathology or 'healthy'}): {steps} steps, metrics{where} at", flush=True)
+    print(agent.prometheus_url, flush=True)
+    if not quiet:
+        print("live view from another terminal: gradflow-agent top <that URL>", flush=True)
     try:
-        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                      TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn(),
-                      TextColumn("{task.fields[status]}"), console=console, transient=False) as progress:
+        width = console.width
+        bar = 10 if width < 100 else 30
+        count = len(f"{steps}/{steps}")
+        # step count, bar, elapsed, "eta" and its time, one space between each: what is left is the status
+        room = max(width - (count + 1 + bar + 1 + 7 + 1 + 3 + 1 + 7 + 1) - 1, 20)
+        with Progress(MofNCompleteColumn(), BarColumn(bar_width=bar), TimeElapsedColumn(), TextColumn("eta"),
+                      TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=console,
+                      transient=False) as progress:
             task = progress.add_task("training", total=steps, status="")
             for step in range(steps):
                 loss = train_step(w, step, agent)
                 if step % 10 == 0:
                     snap = agent.latest
                     flagged = sorted({i.kind for i in snap.issues}) if snap else []
-                    progress.update(task, status=f"loss {loss.item():.4g}  issues: {', '.join(flagged) or '-'}")
+                    progress.update(task, status=_status(loss.item(), flagged, room))
                 progress.advance(task)
                 if step_delay:
                     time.sleep(step_delay)
         issues = agent.issues()
-        console.print(health_table(agent.latest))
-        console.print(issues_table(issues))
+        console.print(health_table(agent.latest, width=width))
+        console.print(issues_table(issues, width=width))
         if linger > 0:
             console.print(f"serving metrics for {linger:g} s more (Ctrl-C to stop)")
             with contextlib.suppress(KeyboardInterrupt):

@@ -145,10 +145,13 @@ def _agent_down(runbook_base: str, job_regex: str, alert_absent: bool) -> dict[s
 
 def _training_hung(runbook_base: str, hung_after: str) -> dict[str, Any]:
     """The process serves its metrics (up) but its step counter stopped: a collective hang, a deadlocked
-    data loader, a stuck checkpoint write. The agent cannot see this itself: no step, no snapshot."""
+    data loader, a stuck checkpoint write. The agent cannot see this itself: no step, no snapshot. A run
+    whose series is younger than the window is not judged (its first steps may still be coming)."""
     return {
         "alert": "TrainingHung",
         "expr": (f"max by ({_by(RUN_LABELS)}) (changes(gradflow_steps_total[{hung_after}])) == 0\n"
+                 f"and on ({_by(RUN_LABELS)})\n"
+                 f"  max by ({_by(RUN_LABELS)}) (gradflow_steps_total offset {hung_after})\n"
                  f"and on (job, instance)\n"
                  f"  max by (job, instance) (up) == 1\n"),
         "for": "5m",

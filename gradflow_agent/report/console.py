@@ -80,28 +80,51 @@ class ConsoleReporter:
     def issues_table(issues: list[FlowIssue]) -> Table:
         t = _rich().Table(title="Issues" if issues else "Issues: none found", show_lines=False)
         for col in ("severity", "type", "layer", "value", "threshold", "message"):
-            t.add_column(col, overflow="fold")
+            # numbers never wrap (a folded `4.3` / `8e+04` reads as two numbers); text folds
+            numeric = col in ("value", "threshold")
+            t.add_column(col, overflow="fold", no_wrap=numeric, justify="right" if numeric else "left")
         for i in issues:
             style = SEVERITY_STYLE.get(i.severity.value, "white")
             t.add_row(f"[{style}]{i.severity.value}[/]", i.issue_type.value, i.layer, fmt(i.value), fmt(i.threshold),
                       i.message)
         return t
 
+    #: The layer table's columns; a console narrower than NARROW gets NARROW_COLUMNS (they fit 80 columns).
+    LAYER_COLUMNS = ("layer", "type", "pressure", "max", "turbulence", "zero act", "dead units", "eff. rank out",
+                     "gain", "health", "status")
+    NARROW_COLUMNS = ("layer", "type", "pressure", "turbulence", "zero act", "dead units", "health", "status")
+    NARROW = 120
+
     @staticmethod
-    def layers_table(report: Any, max_rows: int = 60) -> Table:
-        t = _rich().Table(title="Layers", show_lines=False)
-        for col in ("layer", "type", "pressure", "max", "turbulence", "zero act", "dead units", "eff. rank out",
-                    "gain", "health", "status"):
-            t.add_column(col, justify="left" if col in ("layer", "type", "status") else "right")
+    def layers_table(report: Any, max_rows: int = 60, width: int | None = None) -> Table:
+        """Per-layer metrics; a console narrower than NARROW gets the compact layout (fewer columns, no
+        vertical rules), so that every number stays whole at 80 columns."""
+        narrow = width is not None and width < ConsoleReporter.NARROW
+        rich = _rich()
+        if narrow:
+            from rich import box
+            t = rich.Table(title="Layers", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False,
+                           show_edge=False)
+            cols = ConsoleReporter.NARROW_COLUMNS
+        else:
+            t = rich.Table(title="Layers", show_lines=False)
+            cols = ConsoleReporter.LAYER_COLUMNS
+        for col in cols:
+            left = col in ("layer", "type", "status")
+            t.add_column(col, justify="left" if left else "right", no_wrap=not left or col == "status",
+                         overflow="fold")
         for m in report.layers[:max_rows]:
             h = report.health.get(m.layer)
             score = h.score if h else float("nan")
             status = h.status.value if h else "-"
             style = STATUS_STYLE.get(status, "white")
-            t.add_row(m.layer, m.layer_type, fmt(m.mean_pressure), fmt(m.max_pressure), fmt(m.turbulence),
-                      _pct(m.activation_zero_ratio), _pct(m.dead_unit_ratio), fmt(m.effective_rank_out),
-                      fmt(m.gradient_gain), f"[{style}]{fmt(round(score))}[/]" if math.isfinite(score) else "-",
-                      f"[{style}]{status}[/]")
+            cells = {"layer": m.layer, "type": m.layer_type, "pressure": fmt(m.mean_pressure),
+                     "max": fmt(m.max_pressure), "turbulence": fmt(m.turbulence),
+                     "zero act": _pct(m.activation_zero_ratio), "dead units": _pct(m.dead_unit_ratio),
+                     "eff. rank out": fmt(m.effective_rank_out), "gain": fmt(m.gradient_gain),
+                     "health": f"[{style}]{fmt(round(score))}[/]" if math.isfinite(score) else "-",
+                     "status": f"[{style}]{status}[/]"}
+            t.add_row(*(cells[c] for c in cols))
         if len(report.layers) > max_rows:
             t.caption = f"{len(report.layers) - max_rows} more layers not shown"
         return t
@@ -134,7 +157,7 @@ class ConsoleReporter:
         self.console.print(self.issues_table(report.issues if issues is None else issues))
 
     def print_layers(self, report: Any, max_rows: int = 60) -> None:
-        self.console.print(self.layers_table(report, max_rows))
+        self.console.print(self.layers_table(report, max_rows, width=self.console.width))
 
     print_layer_summary = print_layers
 

@@ -7,15 +7,21 @@
 - Kubernetes: the Job against the Kubernetes 1.37 OpenAPI schemas (`kubernetes-validate --strict`), the
   PodMonitor and PrometheusRule against the prometheus-operator CRD schemas (the pydantic models of
   `cloudcoil-models-prometheus-operator`, with a round trip that rejects unknown fields).
-- Compose: the compose-spec JSON schema vendored by `check-jsonschema`.
+- Compose: the compose-spec JSON schema vendored by `check-jsonschema`; every host the configs name is
+  one of its services, and each setup (the default direct scrape, the OTLP override) brings the
+  trainer's series to Prometheus one way only.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 import sys
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +29,7 @@ import pytest
 import yaml
 
 from gradflow_agent.alerting.rules import DEFAULT_JOB_REGEX
-from tests.support.prometheus import require_binary
+from tests.support.prometheus import free_port, require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -39,9 +45,13 @@ def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str
 
 # --- Prometheus ---------------------------------------------------------------------------------------
 
-def test_promtool_checks_the_prometheus_config(tmp_path: Path) -> None:
+PROMETHEUS_CONFIGS = ("prometheus/prometheus.yml", "otel/prometheus.yml")  # direct scrape; the OTLP path
+
+
+@pytest.mark.parametrize("path", PROMETHEUS_CONFIGS)
+def test_promtool_checks_the_prometheus_config(tmp_path: Path, path: str) -> None:
     promtool = require_binary("promtool", "prometheus")
-    config = _yaml(DEPLOY / "prometheus/prometheus.yml")
+    config = _yaml(DEPLOY / path)
     for job in config["scrape_configs"]:
         if job.pop("kubernetes_sd_configs", None) is not None:
             job["file_sd_configs"] = [{"files": ["pods.json"]}]
@@ -148,38 +158,159 @@ def test_crd_schema_check_rejects_bad_values() -> None:
 
 # --- Compose, Grafana provisioning, OTel Collector ----------------------------------------------------
 
-def test_compose_file_matches_the_compose_spec() -> None:
+COMPOSE_FILES = ("compose.yaml", "otel/compose.otel.yaml")
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES)
+def test_compose_file_matches_the_compose_spec(path: str) -> None:
     result = _run(sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
-                  str(DEPLOY / "compose.yaml"))
+                  str(DEPLOY / path))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """target -> source of a service's volumes (short syntax)."""
+    out = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        out[target] = source
+    return out
+
+
+def _merged(*paths: str) -> dict[str, Any]:
+    """Compose files merged as `docker compose -f a -f b` does, for what these tests read: mappings merge
+    (environment), sequences replace (command), except volumes, which merge by their target."""
+    def merge(base: Any, over: Any, key: str = "") -> Any:
+        if isinstance(base, dict) and isinstance(over, dict):
+            return {k: merge(base[k], v, k) if k in base else v for k, v in {**base, **over}.items()}
+        if key == "volumes" and isinstance(base, list) and isinstance(over, list):
+            by_target = {v.split(":")[1]: v for v in base}
+            by_target.update({v.split(":")[1]: v for v in over})
+            return list(by_target.values())
+        return over
+
+    out: dict[str, Any] = {}
+    for path in paths:
+        out = merge(out, _yaml(DEPLOY / path))
+    return out
+
+
+def _prometheus_config_of(compose: dict[str, Any]) -> dict[str, Any]:
+    """The Prometheus configuration a compose setup runs: --config.file, through the bind mounts."""
+    prometheus = compose["services"]["prometheus"]
+    flag = next(a for a in prometheus["command"] if a.startswith("--config.file="))
+    target = flag.split("=", 1)[1]
+    for mount, source in sorted(_mounts(prometheus).items(), key=lambda kv: -len(kv[0])):
+        if target == mount or target.startswith(mount.rstrip("/") + "/"):
+            return _yaml(DEPLOY / (source + target[len(mount):]))
+    raise AssertionError(f"{target} is not mounted into the prometheus service")
+
+
+def _targets(prometheus: dict[str, Any]) -> dict[str, str]:
+    """host:port -> job of every static scrape target."""
+    return {t: job["job_name"] for job in prometheus["scrape_configs"] for sc in job.get("static_configs", [])
+            for t in sc["targets"]}
 
 
 def test_compose_wires_the_stack_together() -> None:
     compose = _yaml(DEPLOY / "compose.yaml")
     services = compose["services"]
-    assert {"trainer", "prometheus", "alertmanager", "grafana", "pushgateway", "otel-collector"} <= set(services)
-
-    def mounts(service: str) -> dict[str, str]:
-        out = {}
-        for volume in services[service].get("volumes", []):
-            source, target = volume.split(":")[:2]
-            out[target] = source
-        return out
-
-    for service in services:  # every bind mount exists in the repository
-        for target, source in mounts(service).items():
-            if source.startswith("."):
-                assert (DEPLOY / source).exists(), f"{service}: {source} -> {target}"
+    assert {"trainer", "prometheus", "alertmanager", "alert-receiver", "grafana", "pushgateway"} <= set(services)
+    for path in COMPOSE_FILES:  # every bind mount exists in the repository
+        for service, spec in _yaml(DEPLOY / path)["services"].items():
+            for target, source in _mounts(spec).items():
+                if source.startswith("."):
+                    assert (DEPLOY / source).exists(), f"{path}: {service}: {source} -> {target}"
     provider = _yaml(ROOT / "grafana/provisioning/dashboards/gradflow.yaml")["providers"][0]
-    grafana = mounts("grafana")
+    grafana = _mounts(services["grafana"])
     assert Path(DEPLOY / grafana[provider["options"]["path"]]).resolve() == (ROOT / "grafana/dashboards").resolve()
     assert Path(DEPLOY / grafana["/etc/grafana/provisioning"]).resolve() == (ROOT / "grafana/provisioning").resolve()
-    prometheus = _yaml(DEPLOY / "prometheus/prometheus.yml")
-    targets = {t for job in prometheus["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]}
-    for service, port in (("trainer", 9464), ("pushgateway", 9091), ("otel-collector", 8889)):
-        assert f"{service}:{port}" in targets
-    assert prometheus["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alertmanager:9093"]
+    for setup in (("compose.yaml",), COMPOSE_FILES):
+        merged = _merged(*setup)
+        prometheus = _prometheus_config_of(merged)
+        for target in _targets(prometheus):  # every scrape target is a service of that setup
+            assert target.split(":")[0] in merged["services"], (setup, target)
+        assert prometheus["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alertmanager:9093"]
+    assert {"trainer:9464", "pushgateway:9091"} <= set(_targets(_prometheus_config_of(compose)))
     assert (DEPLOY / services["trainer"]["build"]["dockerfile"].removeprefix("deploy/")).is_file()
+
+
+def _series_paths(compose: dict[str, Any]) -> list[str]:
+    """The ways the trainer's series reach the setup's Prometheus: its own scrape, OTLP through a scraped
+    collector, a push to a scraped Pushgateway."""
+    env = {k.lower(): str(v) for k, v in compose["services"]["trainer"].get("environment", {}).items()}
+    scraped = {t.split(":")[0] for t in _targets(_prometheus_config_of(compose))}
+    paths = []
+    if "trainer" in scraped:
+        paths.append("scrape")
+    if env.get("gradflow_exporters_otel_enabled", "").lower() == "true":
+        collector = urllib.parse.urlsplit(env.get("otel_exporter_otlp_endpoint", "")).hostname
+        if collector in scraped:
+            paths.append(f"otlp via {collector}")
+    pushgateway = urllib.parse.urlsplit(env.get("gradflow_exporters_prometheus_pushgateway_url", "")).hostname
+    if pushgateway and pushgateway in scraped:
+        paths.append(f"push via {pushgateway}")
+    return paths
+
+
+@pytest.mark.parametrize(("setup", "path"), [(("compose.yaml",), "scrape"),
+                                             (COMPOSE_FILES, "otlp via otel-collector")])
+def test_each_series_reaches_prometheus_one_way(setup: tuple[str, ...], path: str) -> None:
+    """Two paths would store every series twice (one per job) and fire every alert twice."""
+    compose = _merged(*setup)
+    assert _series_paths(compose) == [path]
+    if path == "scrape":  # the collector is an alternative: neither run nor scraped by default
+        assert "otel-collector" not in compose["services"]
+        assert not any(t.startswith("otel-collector:") for t in _targets(_prometheus_config_of(compose)))
+
+
+def _receiver_urls() -> list[urllib.parse.SplitResult]:
+    config = _yaml(DEPLOY / "alertmanager/alertmanager.yml")
+    return [urllib.parse.urlsplit(hook["url"]) for receiver in config["receivers"]
+            for hook in receiver.get("webhook_configs", [])]
+
+
+def test_alert_receivers_are_compose_services() -> None:
+    services = _yaml(DEPLOY / "compose.yaml")["services"]
+    urls = _receiver_urls()
+    assert urls
+    for url in urls:
+        assert url.hostname in services, f"{url.geturl()}: {url.hostname} is not a compose service"
+        service = services[url.hostname]
+        command = [str(a) for a in service["command"]]
+        assert command[command.index("--port") + 1] == str(url.port), url.geturl()
+        assert str(url.port) in [str(p) for p in service.get("expose", [])]
+        assert (DEPLOY / _mounts(service)[command[1]]).is_file()  # the script it runs is in the repository
+
+
+def test_alert_receiver_prints_each_notification() -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(DEPLOY / "alertmanager/receiver.py"), "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert "listening" in (proc.stdout.readline() if proc.stdout else "")
+        payload = {"version": "4", "status": "firing", "alerts": [
+            {"status": "firing", "labels": {"alertname": "GradientExploding", "severity": "critical",
+                                            "run": "demo-exploding", "rank": "0", "layer": "4"},
+             "annotations": {"summary": "Exploding gradients"}}]}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/gradflow/page", data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=5) as resp:
+                    assert resp.status == 200
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        line = proc.stdout.readline().strip() if proc.stdout else ""
+        assert line == ("[page] firing GradientExploding severity=critical run=demo-exploding rank=0 layer=4: "
+                        "Exploding gradients")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def test_grafana_datasource_provisioning() -> None:
@@ -192,6 +323,10 @@ def test_otel_collector_feeds_prometheus() -> None:
     collector = _yaml(DEPLOY / "otel/collector.yaml")
     assert collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
     assert collector["exporters"]["prometheus"]["endpoint"].endswith(":8889")
+    otel = _merged(*COMPOSE_FILES)  # the OTLP path scrapes the collector's exporter, and only that for agents
+    targets = _targets(_prometheus_config_of(otel))
+    assert targets.get("otel-collector:8889") == "otel-collector" and "trainer:9464" not in targets
+    assert otel["services"]["trainer"]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"].endswith(":4318")
     pipeline = collector["service"]["pipelines"]["metrics"]
     assert pipeline["receivers"] == ["otlp"] and "prometheus" in pipeline["exporters"]
     for section in ("receivers", "processors", "exporters"):
