@@ -20,6 +20,8 @@ device while it runs; on the model's device only chunk-sized temporaries and two
 from __future__ import annotations
 
 import contextlib
+import inspect
+import logging
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +35,8 @@ from ..export.metrics import Metric
 from .computer import MetricComputer, format_threshold
 from .config import DEFAULT_THRESHOLDS
 from .snapshot import DEFAULT_CHUNK, ParameterMismatchError, ParameterSnapshot, delta_chunk
+
+log = logging.getLogger("gradflow_agent")
 
 
 @dataclass(frozen=True)
@@ -81,13 +85,37 @@ def prepare_inputs(inputs: Any, device: torch.device, max_samples: int = 0) -> A
     return _map_tensors(inputs, fix)
 
 
+def _takes(model: nn.Module, n: int) -> bool:
+    """Can `model.forward` take `n` positional arguments? (unknown signatures: yes)"""
+    try:
+        inspect.signature(model.forward).bind(*range(n))
+    except TypeError:
+        return False
+    except ValueError:  # no signature (builtins)
+        return True
+    return True
+
+
+_BATCH_HINTED: set[int] = set()
+
+
 def call_model(model: nn.Module, inputs: Any) -> Any:
-    """ModelCall -> model(*args, **kwargs); mapping -> model(**inputs); tuple/list -> model(*inputs)."""
+    """ModelCall -> model(*args, **kwargs); mapping -> model(**inputs); tuple/list -> model(*inputs).
+
+    A DataLoader batch `(x, y)` given to a model whose forward takes one input is `model(x)` (the
+    usual quick start passes the batch as it comes), said once in the log."""
     if isinstance(inputs, ModelCall):
         return model(*inputs.args, **dict(inputs.kwargs))
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if type(inputs) in (list, tuple):
+        if len(inputs) == 2 and not _takes(model, 2) and _takes(model, 1):
+            if id(model) not in _BATCH_HINTED:
+                _BATCH_HINTED.add(id(model))
+                log.info("gradflow_agent: the sparse-quality inputs look like a DataLoader batch (x, y) and "
+                         "%s.forward takes one input: calling it with x (pass inputs=x to choose)",
+                         type(model).__name__)
+            return model(inputs[0])
         return model(*inputs)
     return model(inputs)
 

@@ -209,3 +209,26 @@ def test_max_samples_limits_the_rows_run():
 
     _measure(model, snap, _data(40)[0], thresholds=(1e-4,), max_samples=8, forward_fn=record)
     assert seen == [8, 8, 8]
+
+
+def test_a_dataloader_batch_x_y_calls_a_one_input_model_with_x(caplog):
+    import logging
+
+    import torch
+    from torch import nn
+
+    from gradflow_agent.dynamics.sparse_quality import call_model
+
+    model = nn.Linear(4, 2)
+    x, y = torch.randn(3, 4), torch.randint(0, 2, (3,))
+    with caplog.at_level(logging.INFO, logger="gradflow_agent"):
+        out = call_model(model, (x, y))
+        call_model(model, (x, y))
+    assert torch.equal(out, model(x))
+    assert sum("DataLoader batch" in r.getMessage() for r in caplog.records) == 1
+
+    class Two(nn.Module):
+        def forward(self, a, b):
+            return a + b
+
+    assert torch.equal(call_model(Two(), (x, x)), x + x)  # a model that takes two inputs gets both
