@@ -76,6 +76,7 @@ def _worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> None:
             json.dump(out, fh)
         agent.detach()
     finally:
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
         dist.destroy_process_group()
 
 
@@ -126,6 +127,7 @@ def _uneven_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             json.dump({"published": sorted(set(published)), "errors": dict(agent.latest.errors)}, fh)
         agent.detach()
     finally:
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
         dist.destroy_process_group()
 
 
