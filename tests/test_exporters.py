@@ -17,7 +17,7 @@ import gradflow_agent
 from gradflow_agent.export.jsonl import read_snapshots
 from gradflow_agent.export.metrics import ALL
 from tests.conftest import config
-from tests.support.prometheus import PrometheusServer, free_port, require_binary
+from tests.support.prometheus import PrometheusServer, free_port, pushgateway, require_binary
 
 
 def _train(agent, model, opt, steps):
@@ -166,25 +166,15 @@ def test_otel_names_translate_back_to_the_prometheus_names():
 
 
 def test_pushgateway_receives_the_run_grouped_by_run_and_rank(tmp_path):
-    binary = require_binary("prometheus-pushgateway", "prometheus-pushgateway")
-    port = free_port()
-    gw = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
+    with pushgateway(tmp_path) as url:
         model = _model()
         opt = torch.optim.Adam(model.parameters())
-        push = {"url": f"http://127.0.0.1:{port}", "interval_seconds": 0.1, "keep_at_exit": True}
+        push = {"url": url, "interval_seconds": 0.1, "keep_at_exit": True}
         agent = gradflow_agent.attach(model, config(run={"name": "pushed"}, exporters={"prometheus": {
             "enabled": True, "port": 0, "addr": "127.0.0.1", "pushgateway": push}}), optimizer=opt)
         _train(agent, model, opt, 12)
         agent.detach()
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
         steps = [s for f in text_string_to_metric_families(text) for s in f.samples
                  if s.name == "gradflow_steps_total"]
         assert len(steps) == 1 and steps[0].value == 12
@@ -194,11 +184,8 @@ def test_pushgateway_receives_the_run_grouped_by_run_and_rank(tmp_path):
         agent = gradflow_agent.attach(model, config(run={"name": "pushed"}, exporters={"prometheus": {
             "enabled": True, "port": 0, "addr": "127.0.0.1", "pushgateway": push}}), optimizer=opt)
         agent.detach()
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
         assert "gradflow_steps_total" not in text
-    finally:
-        gw.terminate()
-        gw.wait(10)
 
 
 def test_jsonl_recorder_writes_one_snapshot_per_interval(tmp_path):

@@ -7,7 +7,6 @@ is an HTTP server that answers 503, and the happy path is a real Pushgateway and
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import socket
@@ -32,7 +31,7 @@ from gradflow_agent.export.pushgateway import PushgatewaySink
 from gradflow_agent.export.worker import BackgroundSink
 from gradflow_agent.report.cli import main as report_main
 from tests.conftest import config
-from tests.support.prometheus import free_port, require_binary
+from tests.support.prometheus import free_port, pushgateway
 
 DETACH_LIMIT = 2.0  # seconds: Agent.detach() whatever the endpoints do
 
@@ -113,28 +112,6 @@ class FailingServer:
         self.server.shutdown()
         self.server.server_close()
         self._thread.join(5)
-
-
-@contextlib.contextmanager
-def pushgateway(tmp_path):
-    """A real Pushgateway on a free port, persisting to a file in tmp_path."""
-    binary = require_binary("prometheus-pushgateway", "prometheus-pushgateway")
-    port = free_port()
-    gw = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}",
-                           f"--persistence.file={tmp_path / 'pushgateway.db'}"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"{url}/-/ready", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        yield url
-    finally:
-        gw.terminate()
-        gw.wait(10)
 
 
 def gateway_samples(url: str, name: str) -> list:

@@ -95,11 +95,11 @@ class ActivationStats:
         self.nonfinite_total = np.zeros(n)  # a counter: never reset
 
     # -- hot path -------------------------------------------------------------------------------------
-    def observe(self, i: int, y: torch.Tensor, channels_first: bool = False) -> None:
-        """Reduce one output of layer `i` (called from its forward hook)."""
+    def _prepare(self, i: int, y: torch.Tensor, channels_first: bool) -> tuple | None:
+        """(output, its reduced view, dims reduced per unit, kind) of one output; None when not measured."""
         n = y.numel()
         if n == 0 or not y.is_floating_point():
-            return
+            return None
         plan = self._plans[i]
         if plan is None or plan[0] != y.ndim:
             plan = self._plan(i, y, channels_first)
@@ -107,6 +107,15 @@ class ActivationStats:
         y = y.detach()
         view = y if n <= self.sample_elements or not self.sample_elements else strided_view(
             y, self.sample_elements, keep)
+        return y, view, unit_reduce, kind
+
+    def observe(self, i: int, y: torch.Tensor, channels_first: bool = False) -> None:
+        """Reduce one output of layer `i` (called from its forward hook)."""
+        prepared = self._prepare(i, y, channels_first)
+        if prepared is None:
+            return
+        y, view, unit_reduce, kind = prepared
+        n = y.numel()
         counts = self._counts[i]
         if self.on_host and not self.robust:
             wide = y.dtype in _WIDE
@@ -138,16 +147,11 @@ class ActivationStats:
         """`observe` inside a torch.compile'd graph: the same reductions as device ops added into device
         buffers in place - no read-back, no Python state but the plan - so the hook adds no graph break
         and no recompilation (each layer's hook is inlined at its own call site)."""
-        n = y.numel()
-        if n == 0 or not y.is_floating_point():
+        prepared = self._prepare(i, y, channels_first)
+        if prepared is None:
             return
-        plan = self._plans[i]
-        if plan is None or plan[0] != y.ndim:
-            plan = self._plan(i, y, channels_first)
-        _, keep, unit_reduce, kind = plan
-        y = y.detach()
-        view = y if n <= self.sample_elements or not self.sample_elements else strided_view(
-            y, self.sample_elements, keep)
+        y, view, unit_reduce, kind = prepared
+        n = y.numel()
         vals = self._reduce_masked(y, view, kind)
         self.acc[i] += torch.stack([v.to(torch.float64) for v in vals[:N_COLS]])
         self.absmax[i] = torch.maximum(self.absmax[i], torch.maximum(-vals[N_COLS], vals[N_COLS + 1]).float())

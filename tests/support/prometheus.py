@@ -17,6 +17,7 @@ never a skip.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -26,7 +27,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -205,3 +206,25 @@ class PrometheusServer:
 
 class PrometheusError(RuntimeError):
     """The Prometheus HTTP API answered with an error (bad query, timeout)."""
+
+
+@contextlib.contextmanager
+def pushgateway(tmp_path: Path) -> Iterator[str]:
+    """A real Pushgateway on a free port (persisting to a file in tmp_path); yields its base URL."""
+    binary = require_binary("prometheus-pushgateway", "prometheus-pushgateway")
+    port = free_port()
+    gw = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}",
+                           f"--persistence.file={tmp_path / 'pushgateway.db'}"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{url}/-/ready", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        gw.terminate()
+        gw.wait(10)
