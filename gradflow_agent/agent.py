@@ -42,7 +42,7 @@ from .export import build_exporters
 from .hooks import HookManager, reset_compiled_code, select_layers
 from .snapshot import LAYER_STATS, Snapshot
 from .stats.activations import ActivationStats
-from .stats.engine import transfer
+from .stats.engine import model_device, transfer
 from .stats.gradients import GradientStats
 from .stats.nonfinite import NonfiniteOrigin
 from .stats.output_grads import OutputGradStats
@@ -69,14 +69,6 @@ def _detach_at_exit() -> None:
 
 class AttachError(RuntimeError):
     """attach() could not start; nothing was left attached (no hook, thread, port or file)."""
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def _distributed() -> tuple[int, int]:
@@ -128,7 +120,7 @@ class Agent:
         self.scaler = scaler
         self.errors = ErrorCounter()
         self.rank, self.local_rank = _distributed()
-        self.device = _model_device(model)
+        self.device = model_device(model)
         cfg = self.config
         self.run_name = cfg.run.name or "default"
         self.layers, self.layers_skipped = select_layers(model, cfg.modules)
@@ -173,9 +165,10 @@ class Agent:
         self._last_fingerprint: torch.Tensor | None = None
 
         output_grads = cfg.stats.gradients.enabled and cfg.stats.gradients.output_grads
-        self.hooks = HookManager(self.layers, self.errors,
-                                 self.act.observe if cfg.stats.activations.enabled else None,
-                                 self.out_grad.watch if output_grads else None)
+        activations = cfg.stats.activations.enabled
+        self.hooks = HookManager(self.layers, self.errors, self.act.observe if activations else None,
+                                 self.out_grad.watch if output_grads else None,
+                                 self.act.observe_traced if activations else None)
         if cfg.stats.activations.enabled or output_grads:
             self.hooks.attach_forward()
         self.hooks.claims = self._claims

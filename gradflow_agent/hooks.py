@@ -26,13 +26,14 @@ import torch
 from torch import nn
 
 from .config import ConfigError
-from .errors import ErrorCounter
+from .errors import DISABLE_AFTER, ErrorCounter
 from .stats.kinds import CHANNELS_FIRST, OutputKind, first_tensor, output_kind
 
 log = logging.getLogger("gradflow_agent")
 
-# A layer whose hook fails this many calls in a row is unhooked (the others go on).
-HOOK_DISABLE_AFTER = 20
+# A layer whose hook fails this many calls in a row is unhooked (the others go on): the same limit as
+# every other component (errors.DISABLE_AFTER), counted per layer.
+HOOK_DISABLE_AFTER = DISABLE_AFTER
 
 
 def _in_backward() -> bool:
@@ -236,10 +237,13 @@ class HookManager(HandleSet):
 
     def __init__(self, layers: list[Layer], errors: ErrorCounter,
                  on_activation: Callable[[int, torch.Tensor, bool], None] | None,
-                 on_output: Callable[[int, torch.Tensor], None] | None = None) -> None:
+                 on_output: Callable[[int, torch.Tensor], None] | None = None,
+                 on_activation_traced: Callable[[int, torch.Tensor, bool], None] | None = None) -> None:
+        """`on_activation_traced`: what the hook calls instead while torch.compile traces it (device ops only)."""
         self.layers = layers
         self.errors = errors
         self.on_activation = on_activation
+        self.on_activation_traced = on_activation_traced
         self.on_output = on_output
         self.active = True  # statistics are computed on this step
         self.overhead = 0.0  # seconds spent in hooks
@@ -262,13 +266,13 @@ class HookManager(HandleSet):
         layout = isinstance(layer.module, CHANNELS_FIRST)
         index, observe, watch, errors, fails = layer.index, self.on_activation, self.on_output, self.errors, \
             self._fails
-        observe_traced = getattr(observe, "__self__", None) and observe.__self__.observe_traced
+        observe_traced = self.on_activation_traced
 
         def hook(module, inputs, output):
             if torch.compiler.is_compiling():  # traced into the user's graph: device ops only, no break
                 if self.active and fails[index] >= 0:
                     y = first_tensor(output)
-                    if y is not None and observe is not None:
+                    if y is not None and observe_traced is not None:
                         observe_traced(index, y, self._channels_first)
                     if sets_layout or layout:
                         self._channels_first = layout

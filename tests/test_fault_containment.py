@@ -399,3 +399,17 @@ def test_the_overhead_budget_lowers_the_activation_cadence_not_the_gradient_watc
     assert snap.step == 200 and snap.layer("0")["grad_pressure"] > 0  # gradients on every step
     assert agent.grad.filled == min(200, agent.grad.ring.shape[0])
     assert snap.layer("1")["activation_zero_ratio"] >= 0  # activations still measured, less often
+
+
+@pytest.mark.parametrize("on_host", [True, False], ids=["host-path", "accelerator-path"])
+def test_the_nonfinite_origin_keeps_the_first_event_on_both_paths(on_host):
+    from gradflow_agent.stats.engine import transfer
+    from gradflow_agent.stats.nonfinite import NonfiniteOrigin
+
+    origin = NonfiniteOrigin(torch.device("cpu"), on_host=on_host)
+    origin.step = 7
+    origin.note(torch.tensor([0, 1, 2]), torch.tensor([0.0, 0.0, 0.0]), 0)  # nothing non-finite yet
+    origin.note(torch.tensor([0, 1, 2]), torch.tensor([0.0, 2.0, 3.0]), 1, last=True)  # backward: deepest
+    origin.step = 9
+    origin.note(torch.tensor([0]), torch.tensor([5.0]), 0)  # later events never replace the first
+    assert origin.finish(transfer([origin.device_parts()], torch.device("cpu"))[0]) == (7, 2, "grad")

@@ -76,6 +76,8 @@ def test_attach_loads_only_the_core():
     assert not {m for m in new if m.split(".")[0] in OPTIONAL_TOP}, "an optional package in the core"
     assert not {m for m in new if m.startswith(NOT_CORE)}, "a non-core gradflow_agent module in the core"
     assert "opentelemetry" not in {m.split(".")[0] for m in new}, "exporters are imported only when configured"
+    heavy = {"torch.distributed.tensor", "torch._dynamo.convert_frame"}  # 0.5 s each; only FSDP2 / compile need them
+    assert not heavy & set(new), heavy & set(new)
 
 
 def test_the_live_agent_runs_on_a_core_install():

@@ -45,12 +45,15 @@ def agent_severity(severity: IssueSeverity | str) -> str:
 
 def status_of(issues: Iterable[Any]) -> HealthStatus:
     """The status that follows the worst of `issues` (FlowIssue or agent Issue)."""
-    worst = agent_health.overall_status([_AsAgent(agent_severity(i.severity)) for i in issues])
+    worst = agent_health.overall_status([_AgentView(i.layer, agent_severity(i.severity)) for i in issues])
     return {"critical": HealthStatus.CRITICAL, "warning": HealthStatus.WARNING}.get(worst, HealthStatus.HEALTHY)
 
 
 @dataclass(frozen=True)
-class _AsAgent:
+class _AgentView:
+    """An analyzer issue as the agent's health formula reads it: its layer and agent severity."""
+
+    layer: str
     severity: str
 
 
@@ -155,11 +158,5 @@ def snapshot_health_scores(snap: Any, issues: Iterable[Any] | None = None,
     """The one health formula on a live Snapshot: the score the agent exports."""
     from ..detect import known_layers
     issues = list(snap.issues if issues is None else issues)
-    return agent_health.health_scores(snap.layers, [_Scored(i.layer, agent_severity(i.severity)) for i in issues],
+    return agent_health.health_scores(snap.layers, [_AgentView(i.layer, agent_severity(i.severity)) for i in issues],
                                       known_layers(snap))
-
-
-@dataclass(frozen=True)
-class _Scored:
-    layer: str
-    severity: str

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..detect.spec import severity_rank
 from ..report.flow_report import FlowReport, section, series
 from .base import FROM_AGENT_SEVERITY, FlowIssue, FlowThresholds, IssueType, make_issue, sort_issues
 from .detectors import depth_issues, depth_profile, scalar_issues
@@ -26,7 +27,6 @@ from .metrics import compute_metrics
 AGENT_KINDS = {"vanishing": IssueType.VANISHING, "exploding": IssueType.EXPLODING, "dead": IssueType.DEAD,
                "nonfinite": IssueType.NUMERICAL, "unstable": IssueType.UNSTABLE, "saturated": IssueType.SATURATED,
                "stalled": IssueType.STALLED}
-_RANK = {"info": 0, "warning": 1, "critical": 2}
 
 
 def recorded_issues(records: Sequence[dict[str, Any]]) -> list[FlowIssue]:
@@ -40,7 +40,7 @@ def recorded_issues(records: Sequence[dict[str, Any]]) -> list[FlowIssue]:
                                           "records": 0})
             entry.update(last=issue)
             entry["records"] += 1
-            if _RANK.get(issue["severity"], 0) >= _RANK[entry["worst"]]:
+            if severity_rank(issue["severity"]) >= severity_rank(entry["worst"]):
                 entry["worst"] = issue["severity"]
     out = []
     for (kind, layer), entry in seen.items():

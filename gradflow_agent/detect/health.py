@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .spec import SEVERITIES, severity_rank
+
 PENALTY = {"critical": 50.0, "warning": 25.0, "info": 10.0}
 # Bands of the score, for dashboards and reports: a layer at or below CRITICAL_MAX is as bad as one
 # critical issue; HEALTHY_MIN (no issue at all) is healthy; anything between is a warning.
@@ -27,11 +29,8 @@ def band(score: float) -> str:
 
 def overall_status(issues) -> str:
     """A run's status follows its worst issue (never an average of scores): critical, warning, healthy."""
-    worst = max((SEVERITY_ORDER.index(i.severity) for i in issues), default=-1)
-    return "healthy" if worst < 1 else SEVERITY_ORDER[worst]
-
-
-SEVERITY_ORDER = ("info", "warning", "critical")
+    worst = max((severity_rank(i.severity) for i in issues), default=-1)
+    return "healthy" if worst < 1 else SEVERITIES[worst]
 
 
 def health_scores(layers: tuple[str, ...], issues, known: np.ndarray | None = None) -> np.ndarray:

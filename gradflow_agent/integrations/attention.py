@@ -60,6 +60,7 @@ from ..errors import ErrorCounter
 from ..export.metrics import Metric
 from ..hooks import _in_backward, add_module_hook
 from ..stats.attention import AttentionSample, AttentionStats, sample_probs, sample_softmax_output
+from ..stats.engine import model_device
 
 log = logging.getLogger("gradflow_agent")
 
@@ -440,14 +441,6 @@ class AttentionHandle:
         self.remove()
 
 
-def _device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def install(model: nn.Module, stats: AttentionSink | None = None, *, registry: bool | None = None,
             sdpa: bool = True, softmax: bool = False, modules: Iterable[str] | None = None,
             sample: AttentionSample | None = None, active: Callable[[], bool] | None = None,
@@ -468,7 +461,7 @@ def install(model: nn.Module, stats: AttentionSink | None = None, *, registry: b
     if sample is None:
         sample = getattr(stats, "sample", None) or AttentionSample()
     if stats is None:
-        stats = AttentionStats([], _device(model), sample=sample)
+        stats = AttentionStats([], model_device(model), sample=sample)
     handle = AttentionHandle(model, stats, sample=sample, registry=registry, sdpa=sdpa, softmax=softmax,
                              active=active, exclude=exclude, errors=errors, compiled=compiled)
     try:
@@ -533,7 +526,7 @@ class AttentionPlugin:
                  registry: bool | None = None, sdpa: bool = True, modules: Iterable[str] | None = None,
                  compiled: bool = True) -> None:
         sample = sample if sample is not None else AttentionSample()
-        self.stats = AttentionStats([], _device(getattr(model, "_orig_mod", model)), sample=sample)
+        self.stats = AttentionStats([], model_device(getattr(model, "_orig_mod", model)), sample=sample)
         self._agent: Any = None
         self.handle = install(model, self.stats, registry=registry, sdpa=sdpa, modules=modules, sample=sample,
                               active=self._active, compiled=compiled)

@@ -6,6 +6,15 @@ import numpy as np
 import torch
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's statistics live: the device of its first parameter (or buffer), else the CPU."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def transfer(groups: list[list[torch.Tensor]], device: torch.device) -> list[list[np.ndarray]]:
     """Copy lists of device tensors to numpy with a single device->host transfer (the only sync)."""
     flat = [t.reshape(-1).double() for parts in groups for t in parts]

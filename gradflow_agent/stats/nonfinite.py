@@ -16,12 +16,26 @@ TENSORS = ("activation", "grad", "param")
 
 
 class NonfiniteOrigin:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, on_host: bool | None = None) -> None:
+        """`on_host=False` forces the accelerator path (tests run it on the CPU)."""
         self.device = device
-        self.on_host = device.type == "cpu"
-        self.step = 1  # the step being computed; the agent moves it at each boundary
+        self.on_host = device.type == "cpu" if on_host is None else on_host
         self._host: tuple[int, int, int] | None = None
         self._dev = None if self.on_host else torch.full((3,), -1.0, dtype=torch.float64, device=device)
+        # on an accelerator the step and the tensor codes live on the device: no host->device copy per note
+        self._step_dev = None if self.on_host else torch.zeros((), dtype=torch.float64, device=device)
+        self._codes = None if self.on_host else torch.arange(len(TENSORS), dtype=torch.float64, device=device)
+        self.step = 1  # the step being computed; the agent moves it at each boundary
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = value
+        if self._step_dev is not None:
+            self._step_dev.fill_(value)
 
     def note_host(self, layer: int, tensor: int) -> None:
         """A non-finite value in `layer` (a plain index), found on the host."""
@@ -43,9 +57,7 @@ class NonfiniteOrigin:
         pos = order.to(torch.int32).argmax()
         if last:
             pos = mask.numel() - 1 - pos
-        candidate = torch.stack([torch.tensor(float(self.step), dtype=torch.float64, device=self.device),
-                                 layers[pos].double(),
-                                 torch.tensor(float(tensor), dtype=torch.float64, device=self.device)])
+        candidate = torch.stack([self._step_dev, layers[pos].double(), self._codes[tensor]])
         take = (self._dev[0] < 0) & mask.any()
         self._dev.copy_(torch.where(take, candidate, self._dev))
 

@@ -12,18 +12,18 @@ agrees on (see `Agent._due`), so every rank of the group arrives.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import torch
 
-try:  # torch >= 2.4
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - older torch
-    DTensor = None
-
 
 def is_dtensor(t: object) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    """A DTensor exists only once torch.distributed.tensor was imported (by FSDP2 or the user): never
+    import it here (0.5 s at `import gradflow_agent` otherwise)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None)
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -70,19 +70,3 @@ class ShardSums:
                 dist.all_reduce(part, group=group)
             out.index_copy_(-1, cols, part)
         return out
-
-    def reduce_all(self, t: torch.Tensor) -> torch.Tensor:
-        """`t` summed over the shard groups (per-layer sums of sharded parameters only)."""
-        if not self.any:
-            return t
-        import torch.distributed as dist
-        out = t.clone()
-        for groups, _ in self.plans[:1]:  # one sharding for the whole model (FSDP2); see Agent for mixed
-            for group in groups:
-                dist.all_reduce(out, group=group)
-        return out
-
-    @property
-    def uniform(self) -> bool:
-        """Every sharded parameter has the same groups (FSDP2 over one mesh)."""
-        return len(self.plans) <= 1
