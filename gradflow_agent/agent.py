@@ -39,6 +39,7 @@ from .config import ConfigError, Section, check_runtime, load_config
 from .detect import diagnose
 from .errors import ErrorCounter
 from .export import build_exporters
+from .export.worker import DEFAULT_CLOSE_SECONDS
 from .hooks import HookManager, reset_compiled_code, select_layers
 from .snapshot import LAYER_STATS, Snapshot
 from .stats.activations import ActivationStats
@@ -51,8 +52,8 @@ from .stats.sharding import is_dtensor, local
 
 log = logging.getLogger("gradflow_agent")
 
-# detach() returns within this many seconds whatever any endpoint does (exporters close concurrently).
-DETACH_BUDGET_SECONDS = 1.8
+# detach() returns within 2 s whatever any endpoint does: the exporters close concurrently in this budget.
+DETACH_BUDGET_SECONDS = DEFAULT_CLOSE_SECONDS
 
 
 # Agents still attached when the interpreter exits are detached first (bounded): the last snapshot is
@@ -682,7 +683,7 @@ def close_all(exporters: list, deadline: float, errors: ErrorCounter) -> None:
     for t in threads:
         t.start()
     for t, exporter in zip(threads, exporters):
-        t.join(max(0.0, deadline - time.monotonic()) + 0.1)
+        t.join(max(0.0, deadline - time.monotonic()) + 0.05)
         if t.is_alive():
             errors.record(_component(exporter), TimeoutError(f"{_component(exporter)} did not close in time"))
 
