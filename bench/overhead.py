@@ -6,11 +6,13 @@ ratio of the two blocks' median step times; the table shows the median ratio and
 rounds. Step time is the process's CPU time (`time.process_time`, which also counts the agent's own
 threads): on a shared machine it is far less disturbed by other processes than wall time, and with
 one thread it equals the wall time of an otherwise idle machine. `--clock wall` uses wall time.
-Run on one thread, like the reference figures in the README:
+`--runs 2 --table` repeats the whole run and ends with a Markdown table of the pooled rounds. Run on one
+thread, like the reference figures in the README:
 
     python bench/overhead.py                       # all workloads, default config and "every statistic"
     python bench/overhead.py --workloads tiny --rounds 30
     python bench/overhead.py --compile --workloads tiny mlp    # both copies torch.compile'd
+    python bench/overhead.py --runs 2 --table      # two full runs, then a README-ready Markdown table
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def _block(model, opt, batch, steps, agent=None) -> float:
     return statistics.median(times)
 
 
-def measure(name: str, config: dict, rounds: int, steps: int) -> tuple[float, float, float, float]:
+def measure(name: str, config: dict, rounds: int, steps: int) -> tuple[list[float], float]:
+    """(the ratio of every round, the median unmonitored step time)."""
     torch.manual_seed(0)
     model, batch = workloads()[name]()
     twin = copy.deepcopy(model)
@@ -138,7 +141,7 @@ def measure(name: str, config: dict, rounds: int, steps: int) -> tuple[float, fl
         ratios.append(b / a)
         base.append(a)
     agent.detach()
-    return statistics.median(ratios), min(ratios), max(ratios), statistics.median(base)
+    return ratios, statistics.median(base)
 
 
 def main() -> None:
@@ -149,6 +152,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile both copies")
+    parser.add_argument("--runs", type=int, default=1, help="full runs over every workload (the table pools "
+                                                             "their rounds)")
+    parser.add_argument("--table", action="store_true", help="end with a Markdown table for the README")
     args = parser.parse_args()
     global CLOCK, COMPILE
     COMPILE = args.compile
@@ -158,12 +164,34 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.clock} clock, gradflow_agent "
           f"{gradflow_agent.__version__}{', compiled' if COMPILE else ''}")
     print(f"{'workload':<12} {'config':<8} {'step (ms)':>10} {'ratio':>7}  {'min-max':>13}")
-    for name in args.workloads:
-        rounds, steps = plan[name]
-        for cfg_name in args.configs:
-            med, lo, hi, base = measure(name, CONFIGS[cfg_name], args.rounds or rounds, steps)
-            print(f"{name:<12} {cfg_name:<8} {base * 1e3:>10.2f} {med:>6.3f}x  {lo:.3f}-{hi:.3f}", flush=True)
+    pooled: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
+    for run in range(args.runs):
+        if args.runs > 1:
+            print(f"-- run {run + 1} of {args.runs}")
+        for name in args.workloads:
+            rounds, steps = plan[name]
+            for cfg_name in args.configs:
+                ratios, base = measure(name, CONFIGS[cfg_name], args.rounds or rounds, steps)
+                all_ratios, bases = pooled.setdefault((name, cfg_name), ([], []))
+                all_ratios += ratios
+                bases.append(base)
+                print(f"{name:<12} {cfg_name:<8} {base * 1e3:>10.2f} {statistics.median(ratios):>6.3f}x  "
+                      f"{min(ratios):.3f}-{max(ratios):.3f}", flush=True)
+    if args.table:
+        print(table(pooled, args))
 
+
+def table(pooled: dict[tuple[str, str], tuple[list[float], list[float]]], args) -> str:
+    """A Markdown table: per workload and config, the median and min-max of the round ratios of all runs
+    pooled (each round: one interleaved pair of blocks), and the median unmonitored step time."""
+    lines = ["", f"`{' '.join(['python', 'bench/overhead.py', *sys.argv[1:]])}` (torch {torch.__version__}, "
+             f"{torch.get_num_threads()} thread(s), {args.clock} clock, {args.runs} run(s)"
+             f"{', compiled' if args.compile else ''})", "",
+             "| workload | config | step (ms) | ratio (median) | min-max |", "|---|---|---:|---:|---:|"]
+    for (name, cfg_name), (ratios, bases) in pooled.items():
+        lines.append(f"| {name} | {cfg_name} | {statistics.median(bases) * 1e3:.2f} | "
+                     f"{statistics.median(ratios):.3f}x | {min(ratios):.3f}-{max(ratios):.3f} |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

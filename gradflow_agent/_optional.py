@@ -28,6 +28,9 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "hf": ("transformers", "accelerate"),
     "lightning": ("lightning",),
     "dashboards": ("grafana_foundation_sdk",),
+    "tensorboard": ("tensorboard",),
+    "mlflow": ("mlflow",),
+    "wandb": ("wandb",),
 }
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 import math
@@ -39,6 +40,8 @@ from .config import ConfigError, Section, check_runtime, load_config
 from .detect import diagnose
 from .errors import ErrorCounter
 from .export import build_exporters
+from .export.flight import extra_ring_rows
+from .export.flight import wanted as flight_wanted
 from .export.worker import DEFAULT_CLOSE_SECONDS
 from .hooks import HookManager, reset_compiled_code, select_layers
 from .snapshot import LAYER_STATS, Snapshot
@@ -47,6 +50,7 @@ from .stats.engine import model_device, transfer
 from .stats.gradients import GradientStats
 from .stats.nonfinite import NonfiniteOrigin
 from .stats.output_grads import OutputGradStats
+from .stats.pace import ForwardClock
 from .stats.parameters import ParameterStats
 from .stats.sharding import is_dtensor, local
 
@@ -88,6 +92,19 @@ def _fingerprint(params: list[nn.Parameter]) -> torch.Tensor | None:
         return torch.cat(parts).cpu() if parts else None
 
 
+@dataclasses.dataclass(frozen=True)
+class _StepConfig:
+    """The config values the step path reads on every step, looked up once: the config is read-only, and
+    each `Section` lookup builds a view (~1-2 us; a dozen per step on a ~1 ms step is ~2%)."""
+
+    parameters: bool
+    gradients: bool
+    every: int
+    export_steps: int
+    export_seconds: float
+    budget: float
+
+
 class Agent:
     """Monitors one model; create it with `gradflow_agent.attach(model)`."""
 
@@ -100,6 +117,7 @@ class Agent:
         self._closed = False
         self.exporters: list = []
         self.plugins: list = []
+        self.plugin_layers: list[tuple[str, str]] = []  # (name, type) of layers only plug-ins report
         self.hooks: HookManager | None = None
         try:
             self._start(model, config, optimizer, scaler)
@@ -126,13 +144,16 @@ class Agent:
         self.run_name = cfg.run.name or "default"
         self.layers, self.layers_skipped = select_layers(model, cfg.modules)
         if self.layers_skipped:
-            log.warning("gradflow_agent: %d layers left out by modules.max_layers=%d",
-                        self.layers_skipped, cfg.modules.max_layers)
+            log.warning("gradflow_agent: modules.max_layers=%d: monitoring %d layers evenly spread over the "
+                        "depth, %d left out (gradflow_agent_layers_skipped); raise the cap to see them all",
+                        cfg.modules.max_layers, len(self.layers), self.layers_skipped)
 
         L = len(self.layers)
         every = cfg.sampling.every_n_steps
         self._param_every = every * cfg.stats.parameters.every_n_steps
         self._ring_rows = max(cfg.sampling.window, math.ceil(cfg.sampling.export_every_n_steps / every)) + 1
+        self._ring_rows += extra_ring_rows(cfg, self.rank)  # the steps the flight recorder keeps before a trigger
+        self.flight = None  # the flight recorder (export/flight.py), set by build_exporters when on
         self.origin = NonfiniteOrigin(self.device)
         self.act = ActivationStats([layer.kind for layer in self.layers], self.device,
                                    margin=cfg.stats.activations.saturation_margin,
@@ -177,6 +198,7 @@ class Agent:
                                     self._after_optimizer_step)
         if optimizer is None:
             self.hooks.watch_backward(model, self._backward_ended)
+        self.forward_clock = ForwardClock(model, self.device)
         if cfg.stats.parameters.enabled and self._param_due(1):
             self.param.take_before()
         self.exporters = build_exporters(self)
@@ -186,6 +208,11 @@ class Agent:
         if cfg.stats.attention.enabled:
             from .integrations.attention import AttentionPlugin
             self.add_plugin(AttentionPlugin(model))
+        if cfg.stats.moe.enabled:  # only when the model has routers (docs/moe.md)
+            from .integrations.moe import moe_plugin
+            moe = moe_plugin(model, cfg.stats.moe)
+            if moe is not None:
+                self.add_plugin(moe)
         if reset_compiled_code():
             log.info("gradflow_agent: torch.compile'd code already existed; it recompiles once at its next call "
                      "so that the agent's statistics are traced into the graph")
@@ -203,7 +230,7 @@ class Agent:
         self._param_ids = {id(p) for p in self._all_params}
         self.grad = GradientStats(self._all_params, [self._owner.get(id(p), L) for p in self._all_params], L,
                                   self.device, rows=self._ring_rows, window=self.config.sampling.window,
-                                  origin=self.origin)
+                                  origin=self.origin, keep_recent=flight_wanted(self.config, self.rank))
         self.param = self._parameter_stats()
         self.sharded = self.grad.shards.any and torch.distributed.is_available() and \
             torch.distributed.is_initialized()
@@ -241,12 +268,8 @@ class Agent:
         return owner
 
     def _model_params(self) -> list[nn.Parameter]:
-        params, seen = [], set()
-        for p in self.model.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
-        return params
+        """The model's parameters, each once (`parameters()` already leaves shared ones out)."""
+        return list(self.model.parameters())
 
     def _parameter_stats(self) -> ParameterStats:
         """Norms and update ratios over the parameters trained now (requires_grad)."""
@@ -269,14 +292,21 @@ class Agent:
         return True
 
     # -- step boundaries --------------------------------------------------------------------------------
+    @functools.cached_property
+    def _step_cfg(self) -> _StepConfig:
+        c = self.config
+        return _StepConfig(c.stats.parameters.enabled, c.stats.gradients.enabled, c.sampling.every_n_steps,
+                           c.sampling.export_every_n_steps, c.sampling.export_every_seconds,
+                           c.sampling.overhead_budget)
+
     def _param_due(self, step: int) -> bool:
-        return self.config.stats.parameters.enabled and step % self._param_every == 0
+        return self._step_cfg.parameters and step % self._param_every == 0
 
     def _read_gradients(self) -> None:
         if self.hooks.active:
             self.errors.guard("activations", self.act.fold)  # this step's forward comes first
-        if self._computed and self.config.stats.gradients.enabled:
-            self.errors.guard("gradients", self.grad.read, self._param_due(self.steps + 1))
+        if self._computed and self._step_cfg.gradients:
+            self.errors.guard("gradients", self.grad.read, self._param_due(self.steps + 1), self.steps + 1)
 
     def _before_optimizer_step(self) -> None:
         opt = self.hooks.optimizer
@@ -341,6 +371,9 @@ class Agent:
         try:
             if loss is not None:
                 self._losses.append(loss.detach() if isinstance(loss, torch.Tensor) else float(loss))
+                if self.flight is not None:  # the step this loss belongs to: after an optimizer step, its own
+                    self.errors.guard("flight_recorder", self.flight.note_loss,
+                                      self.steps if self._opt_stepped else self.steps + 1, self._losses[-1])
             self._count_scaler_skips()
             if self._opt_stepped:
                 self._opt_stepped = False
@@ -367,11 +400,11 @@ class Agent:
                 guard("activations", self.act.end_step)
             self.steps += 1
             self.origin.step = self.steps  # the weights after this step's update
-            if self.config.stats.parameters.enabled:
+            if self._step_cfg.parameters:
                 guard("parameters", self._parameter_boundary)
             self.origin.step = self.steps + 1  # the next step's forward and backward
             self._keep_budget(t0)
-            every = self.config.sampling.every_n_steps
+            every = self._step_cfg.every
             self._computed = self.steps % every == 0
             self.hooks.active = self.steps % (every * self.activation_every) == 0
             for plugin in self.plugins:
@@ -388,7 +421,7 @@ class Agent:
     def _keep_budget(self, now: float) -> None:
         """Hold the agent's share of the step time under `sampling.overhead_budget` by measuring
         activations on fewer steps; a moving average over steps, re-judged every 32 steps."""
-        budget = self.config.sampling.overhead_budget
+        budget = self._step_cfg.budget
         spent = self._overhead + self.hooks.overhead
         step_time, own = now - self._budget_clock[0], spent - self._budget_clock[1]
         self._budget_clock = (now, spent)
@@ -407,8 +440,9 @@ class Agent:
         every rank must decide alike: a step count agreed at the previous snapshot replaces the clock."""
         if self.sharded:
             return self.steps >= self._next_sync_step
-        return (self.steps - self._interval_start >= self.config.sampling.export_every_n_steps
-                or time.monotonic() - self._last_publish >= self.config.sampling.export_every_seconds)
+        cfg = self._step_cfg
+        return (self.steps - self._interval_start >= cfg.export_steps
+                or time.monotonic() - self._last_publish >= cfg.export_seconds)
 
     def _agree_next_snapshot(self, interval: int) -> None:
         """Sharded runs: the next snapshot step, from the mean step time over the ranks (one small
@@ -496,7 +530,10 @@ class Agent:
             self._count_scaler_skips()
         self._overhead += time.perf_counter() - t0
         degraded = tuple(sorted(set(failed) | (self.errors.disabled & {n for n, _ in components})))
-        return self._build(stats, origin, interval, scale_host, degraded, strict)
+        snap = self._build(stats, origin, interval, scale_host, degraded, strict)
+        if self.flight is not None:  # right after the transfer: an incident's rows leave a device with an empty queue
+            self.errors.guard("flight_recorder", self.flight.capture, snap, self.grad, resets=False)
+        return snap
 
     def _loss_parts(self, losses: list) -> list[torch.Tensor]:
         if not losses:
@@ -507,7 +544,7 @@ class Agent:
     def _build(self, stats: dict, origin, interval: int, scale_host: list, degraded: tuple[str, ...],
                strict: bool) -> Snapshot:
         L = len(self.layers)
-        nan, zeros = np.full(L, np.nan), np.zeros(L)
+        zeros = np.zeros(L)
         counters = {
             "steps_total": float(self.steps),
             "overhead_seconds_total": self._overhead + self.hooks.overhead,
@@ -520,18 +557,21 @@ class Agent:
         }
         if scale_host:
             counters["grad_scale"] = float(scale_host[0][0])
+        clock = getattr(self, "forward_clock", None)
+        forward = self.errors.guard("forward_clock", clock.take, default=math.nan) if clock else math.nan
+        if forward == forward:
+            counters["forward_seconds"] = float(forward)
         extra = []
         for plugin in self.plugins:
             extra.extend(self.errors.guard(plugin.name, plugin.collect, default=()) or ())
         grad_norm = stats.get("grad_norm", float("nan"))
+        names, types, columns = self._layer_columns(stats)
+        pad = np.zeros(len(names) - L)
         snap = Snapshot(
             step=self.steps, time=time.time(), interval_steps=interval,
-            layers=tuple(layer.name for layer in self.layers),
-            layer_types=tuple(layer.type_name for layer in self.layers),
-            stats={k: np.asarray(stats.get(k, nan), dtype=np.float64) for k in LAYER_STATS},
-            nonfinite={"grad": np.asarray(stats.get("nonfinite_grad", zeros)),
-                       "activation": np.asarray(stats.get("nonfinite_activation", zeros)),
-                       "param": np.asarray(stats.get("nonfinite_param", zeros))},
+            layers=names, layer_types=types, stats=columns,
+            nonfinite={t: np.concatenate([np.asarray(stats.get(f"nonfinite_{t}", zeros), dtype=np.float64), pad])
+                       for t in ("grad", "activation", "param")},
             grad_norm=grad_norm, loss=self._last_loss,
             counters=counters, errors=dict(self.errors.counts), extra=tuple(extra),
             nonfinite_origin=origin, degraded=degraded,
@@ -541,9 +581,43 @@ class Agent:
             return diagnose(snap, self.config.thresholds)
         diagnosed = self.errors.guard("detect", diagnose, snap, self.config.thresholds)
         if diagnosed is None:  # issues unknown: no health score is exported rather than a healthy one
-            return dataclasses.replace(snap.with_diagnosis((), np.full(L, np.nan)), errors=dict(self.errors.counts),
-                                       degraded=(*snap.degraded, "detect"))
+            return dataclasses.replace(snap.with_diagnosis((), np.full(len(names), np.nan)),
+                                       errors=dict(self.errors.counts), degraded=(*snap.degraded, "detect"))
         return diagnosed
+
+    def _layer_columns(self, stats: dict) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, np.ndarray]]:
+        """The snapshot's layers and per-layer statistics: the hooked layers, then the layers only plug-ins
+        report (attention modules, routers the agent does not hook), added when a plug-in first lists them
+        in `plugin.layers` and kept from then on. A plug-in's `layer_statistics()` -> {statistic: {layer:
+        value}} (read after its `collect()`, so from the same transfer) fills those LAYER_STATS columns: the
+        rule table judges them like the agent's own statistics."""
+        names = [layer.name for layer in self.layers]
+        types = [layer.type_name for layer in self.layers]
+        L = len(names)
+        seen = set(names) | {n for n, _ in self.plugin_layers}
+        reported = []
+        for plugin in self.plugins:
+            if not hasattr(plugin, "layer_statistics"):
+                continue
+            for name, type_name in self.errors.guard(plugin.name, lambda p=plugin: tuple(p.layers), default=()) or ():
+                if name not in seen:
+                    seen.add(name)
+                    self.plugin_layers.append((name, type_name))
+            reported.append(self.errors.guard(plugin.name, plugin.layer_statistics, default=None) or {})
+        names += [n for n, _ in self.plugin_layers]
+        types += [t for _, t in self.plugin_layers]
+        index = {n: i for i, n in enumerate(names)}
+        columns = {}
+        for k in LAYER_STATS:
+            col = np.full(len(names), np.nan)
+            col[:L] = np.asarray(stats.get(k, np.nan), dtype=np.float64)
+            columns[k] = col
+        for values in reported:
+            for key, per_layer in values.items():
+                for name, value in per_layer.items() if key in columns else ():
+                    if name in index:
+                        columns[key][index[name]] = value
+        return tuple(names), tuple(types), columns
 
     def _publish(self, snap: Snapshot) -> None:
         self._latest = snap
@@ -584,6 +658,13 @@ class Agent:
             if register is not None:
                 self.errors.guard(_component(exporter), register, plugin.metrics)
 
+    def observe_router(self, name: str, logits: torch.Tensor | None, top_k: int | None = None,
+                       indices: torch.Tensor | None = None) -> None:
+        """Router statistics of a hand-written MoE layer (docs/moe.md): call it from the layer's forward with
+        the router logits (tokens, experts) and top_k, or the chosen experts (tokens, k). No host sync."""
+        from .integrations.moe import observe_router
+        self.errors.guard("moe", observe_router, self, name, logits, top_k, indices)
+
     @property
     def latest(self) -> Snapshot | None:
         """The last published snapshot (no flush, no sync)."""
@@ -599,7 +680,8 @@ class Agent:
 
     def issues(self) -> list:
         """Issues found by the in-process detectors, after flushing every step taken so far."""
-        return list(self.snapshot().issues)
+        from .detect.issues import IssueList  # a list that notebooks show as a table
+        return IssueList(self.snapshot().issues)
 
     @property
     def prometheus_url(self) -> str | None:
@@ -642,6 +724,8 @@ class Agent:
         errors = getattr(self, "errors", None) or ErrorCounter()
         if self.hooks is not None:
             self.hooks.remove()
+        if getattr(self, "forward_clock", None) is not None:
+            errors.guard("forward_clock", self.forward_clock.remove)
         for plugin in self.plugins:
             errors.guard(plugin.name, plugin.close)
         close_all(self.exporters, deadline, errors)

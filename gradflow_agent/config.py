@@ -56,6 +56,10 @@ def _port(v: Any) -> bool:
 # Value checks beyond the type: dotted key -> (predicate, what a good value is).
 CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "modules.max_layers": (_positive, "a positive integer"),
+    "exporters.prometheus.series_budget": (_non_negative, "0 (no limit) or a positive integer"),
+    "exporters.prometheus.worst_k": (_non_negative, "a non-negative integer"),
+    "exporters.prometheus.depth_bins": (_positive, "a positive integer"),
+    "exporters.prometheus.per_rank": (lambda v: v in ("auto", "true", "false"), '"auto", "true" or "false"'),
     "sampling.every_n_steps": (_positive, "a positive integer"),
     "sampling.export_every_n_steps": (_positive, "a positive integer"),
     "sampling.export_every_seconds": (_positive, "a positive number of seconds"),
@@ -67,6 +71,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stats.parameters.update_ratio": (lambda v: v in ("sampled", "exact", "off"), "sampled, exact or off"),
     "stats.parameters.sample_size": (_positive, "a positive integer"),
     "thresholds.warmup_steps": (_non_negative, "an integer >= 0"),
+    "thresholds.straggler_skew": (_positive, "a positive fraction, e.g. 0.25"),
     "thresholds.vanishing": (_non_negative, "a number >= 0"),
     "thresholds.exploding": (_positive, "a positive number"),
     "thresholds.dead_ratio": (_ratio, "a ratio in [0, 1]"),
@@ -74,11 +79,28 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "thresholds.unstable_cv": (_positive, "a positive number"),
     "thresholds.saturation_ratio": (_ratio, "a ratio in [0, 1]"),
     "thresholds.stalled_update_ratio": (_non_negative, "a number >= 0"),
+    "thresholds.attention_collapse_entropy": (_ratio, "a ratio in [0, 1]"),
+    "thresholds.attention_collapse_max_prob": (_ratio, "a ratio in [0, 1]"),
+    "thresholds.expert_imbalance": (_ratio, "a ratio in [0, 1]"),
+    "thresholds.dead_expert_ratio": (lambda v: 0 <= v < 1, "a ratio in [0, 1)"),
+    "stats.moe.top_k": (_non_negative, "an integer >= 0 (0 = read it from the router)"),
+    "stats.moe.max_experts": (_non_negative, "an integer >= 0 (0 = no per-expert series)"),
+    "stats.moe.min_assignments_per_expert": (_positive, "a positive integer"),
     "exporters.prometheus.port": (_port, "a port number in 0..65535 (0 = a free port)"),
     "exporters.prometheus.pushgateway.interval_seconds": (_positive, "a positive number of seconds"),
     "exporters.otel.protocol": (lambda v: v == "http/protobuf", "http/protobuf (the OTLP/HTTP exporter)"),
     "exporters.otel.interval_seconds": (_positive, "a positive number of seconds"),
     "exporters.otel.timeout_seconds": (_positive, "a positive number of seconds"),
+    "exporters.tensorboard.max_layers": (_positive, "a positive integer"),
+    "exporters.mlflow.max_layers": (_positive, "a positive integer"),
+    "exporters.wandb.max_layers": (_positive, "a positive integer"),
+    "exporters.wandb.mode": (lambda v: v in ("offline", "online", "disabled"), "offline, online or disabled"),
+    "flight_recorder.steps": (_positive, "a positive number of steps"),
+    "flight_recorder.snapshots": (_positive, "a positive number of snapshots"),
+    "flight_recorder.max_bundles": (_non_negative, "an integer >= 0"),
+    "flight_recorder.max_bytes": (lambda v: v >= 4096, "a number of bytes >= 4096"),
+    "flight_recorder.directory": (lambda v: bool(v.strip()), "a directory path"),
+    "flight_recorder.ranks": (lambda v: v in ("all", "zero"), "all or zero"),
     "dynamics.interval": (_positive, "a positive integer"),
     "dynamics.snapshot_device": (lambda v: re.fullmatch(r"cpu|model|(cuda|xpu|mps|npu)(:\d+)?", v) is not None,
                                  "cpu, model, or an accelerator such as cuda or cuda:1"),
@@ -111,11 +133,18 @@ def _glob_closed(pattern: str) -> bool:
     return True
 
 
+def _issue_kind(kind: str) -> bool:
+    from .detect.spec import KINDS  # imported when checked: the rule table is not needed to read a config
+    return kind == "*" or kind in KINDS
+
+
 # Checks of each item of a list key: dotted key -> (predicate, what a good item is).
 _GLOB = "an fnmatch glob with a ] for each [ (a literal [ is [[])"
 ITEM_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "modules.include": (_glob_closed, _GLOB),
     "modules.exclude": (_glob_closed, _GLOB),
+    "stats.moe.routers": (_glob_closed, _GLOB),
+    "flight_recorder.triggers": (lambda v: _issue_kind(v), "an issue kind (nonfinite, exploding, ...) or *"),
 }
 
 

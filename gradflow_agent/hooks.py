@@ -85,10 +85,9 @@ def select_layers(model: nn.Module, modules_cfg) -> tuple[list[Layer], int]:
             continue
         if type(module).__name__ in modules_cfg.exclude_types:
             continue
-        if len(chosen) >= modules_cfg.max_layers:
-            skipped += 1
-            continue
         chosen.append(Layer(len(chosen), label, module, type(module).__name__, output_kind(module)))
+    if len(chosen) > modules_cfg.max_layers:
+        chosen, skipped = _spread(chosen, modules_cfg.max_layers), len(chosen) - modules_cfg.max_layers
     unused = [g for g in modules_cfg.include if g not in used_globs]
     if not chosen:
         example = ", ".join(repr(n) for n in names[:4]) or "none"
@@ -99,6 +98,14 @@ def select_layers(model: nn.Module, modules_cfg) -> tuple[list[Layer], int]:
         log.warning("gradflow_agent: modules.include globs %s match no module of %s", unused,
                     type(model).__name__)
     return chosen, skipped
+
+
+def _spread(layers: list[Layer], cap: int) -> list[Layer]:
+    """`cap` layers evenly spaced over the whole depth, first and last included: a cap never leaves the
+    output side (or the input side) of the model unmonitored."""
+    picks = [0] if cap == 1 else sorted({round(i * (len(layers) - 1) / (cap - 1)) for i in range(cap)})
+    return [Layer(j, layers[i].name, layers[i].module, layers[i].type_name, layers[i].kind)
+            for j, i in enumerate(picks)]
 
 
 # -- hooks never travel with the model ------------------------------------------------------------------

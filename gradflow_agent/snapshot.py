@@ -12,12 +12,19 @@ import numpy as np
 
 # Per-layer statistics, in export order. NaN means "no data for this layer". Each is exported as a gauge
 # (export/metrics.py LAYER_GAUGES) except the views only the detectors judge (`update_ratio_last`: the
-# latest measured update ratio, where `update_ratio` is the interval's mean).
+# latest measured update ratio, where `update_ratio` is the interval's mean) and PLUGIN_STATS.
+# PLUGIN_STATS are filled by plug-ins (`plugin.layer_statistics()`, Agent._layer_columns) on the layers they
+# report: attention modules and MoE routers, which the snapshot lists after the hooked layers when the agent
+# does not hook them. The plug-ins export them as their own gauges (gradflow_attention_*, gradflow_moe_*).
+PLUGIN_STATS = (
+    "attention_entropy", "attention_max_prob", "attention_head_diversity",  # integrations/attention.py
+    "moe_load_imbalance_ratio", "moe_dead_expert_ratio", "moe_router_entropy_ratio",  # integrations/moe.py
+)
 LAYER_STATS = (
     "grad_pressure", "grad_pressure_max", "grad_turbulence", "grad_velocity", "grad_zero_ratio",
     "activation_mean", "activation_std", "activation_absmax", "activation_zero_ratio",
     "activation_dead_unit_ratio", "activation_saturation_ratio", "param_norm", "update_ratio",
-    "output_grad_norm", "update_ratio_last",
+    "output_grad_norm", "update_ratio_last", *PLUGIN_STATS,
 )
 NONFINITE_TENSORS = ("grad", "activation", "param")
 
@@ -44,6 +51,11 @@ class Snapshot:
     nonfinite_origin: tuple[int, int, str] | None = None
     degraded: tuple[str, ...] = ()  # statistics components that failed for this snapshot (their data: NaN)
     disabled: tuple[str, ...] = ()  # components switched off after repeated failures ("hook:<layer>": one layer)
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: headline numbers, issues and one row per layer (escaped: names may hold `<`)."""
+        from .report.html import snapshot_html
+        return snapshot_html(self)
 
     def with_diagnosis(self, issues: tuple, health: np.ndarray) -> Snapshot:
         return dataclasses.replace(self, issues=tuple(issues), health=health)

@@ -490,3 +490,60 @@ def test_the_config_key_turns_the_attention_plugin_on():
     agent.detach()
     names = {m.name for m, _, _ in snap.extra}
     assert "gradflow_attention_entropy_ratio" in names, names
+
+
+# -- the detector: attention_collapse on the attention layers ------------------------------------------------------
+def _train_with_agent(model, steps=3):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    agent = gradflow_agent.attach(model, config(stats={"attention": {"enabled": True}}), optimizer=opt)
+    start = agent.latest
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids = torch.randint(0, 100, (2, 16), generator=g)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        agent.step(loss=loss)
+    snap = agent.snapshot()
+    agent.detach()
+    return start, snap
+
+
+def _collapse(snap):
+    return [(i.layer, i.severity) for i in snap.issues if i.kind == "attention_collapse"]
+
+
+def test_collapsed_attention_of_a_tiny_llama_is_an_issue_and_a_healthy_one_is_not():
+    model = llama().train()
+    with torch.no_grad():  # queries and keys scaled so that every softmax row is one-hot
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(100.0)
+            layer.self_attn.k_proj.weight.mul_(100.0)
+    _, snap = _train_with_agent(model)
+    assert _collapse(snap) == [(name, "critical") for name in LLAMA_NAMES]
+    for name in LLAMA_NAMES:
+        i = snap.layers.index(name)
+        assert snap.layer_types[i] == "LlamaAttention" and snap.health[i] == 50.0
+        assert snap.stats["attention_entropy"][i] < 0.02 and snap.stats["attention_max_prob"][i] > 0.99
+    issue = next(i for i in snap.issues if i.kind == "attention_collapse")
+    assert "attention entropy" in issue.message and issue.recommendation
+
+    start, healthy = _train_with_agent(llama().train())
+    assert _collapse(healthy) == []
+    for name in LLAMA_NAMES:  # declared at attach (the layer list is fixed), unknown until measured
+        i = start.layers.index(name)
+        assert math.isnan(start.health[i]) and math.isnan(start.stats["attention_entropy"][i])
+        j = healthy.layers.index(name)
+        assert healthy.health[j] == 100.0 and healthy.stats["attention_entropy"][j] > 0.9
+    assert start.layers == healthy.layers
+
+
+def test_a_fresh_gpt2_is_not_flagged():
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32,
+                                      attn_implementation="sdpa")).train()
+    _, snap = _train_with_agent(gpt2)
+    assert _collapse(snap) == []
+    assert all(snap.stats["attention_max_prob"][snap.layers.index(n)] < 0.5
+               for n in ("transformer.h.0.attn", "transformer.h.1.attn"))

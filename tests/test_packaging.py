@@ -18,13 +18,15 @@ from gradflow_agent import _optional
 from gradflow_agent._optional import MissingExtraError, require
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL_TOP = {"rich", "tqdm", "matplotlib", "nbformat", "nbclient", "ipykernel", "IPython", "transformers",
+OPTIONAL_TOP = {"tensorboard", "mlflow", "wandb",
+                "rich", "tqdm", "matplotlib", "nbformat", "nbclient", "ipykernel", "IPython", "transformers",
                 "accelerate", "lightning", "pytorch_lightning", "grafana_foundation_sdk", "scipy"}
 NOT_CORE = ("gradflow_agent.analyze", "gradflow_agent.report", "gradflow_agent.dynamics", "gradflow_agent.initcheck",
             "gradflow_agent.integrations", "gradflow_agent.alerting", "gradflow_agent.demo")
 CORE_DEPS = {"torch", "numpy", "pyyaml", "prometheus-client", "opentelemetry-sdk",
              "opentelemetry-exporter-otlp-proto-http", "bcrypt", "requests", "urllib3"}
-MODULE_DIST = {"grafana_foundation_sdk": "grafana-foundation-sdk"}  # import name -> distribution, where they differ
+MODULE_DIST = {"grafana_foundation_sdk": "grafana-foundation-sdk",
+               "mlflow": "mlflow-skinny"}  # import name -> distribution, where they differ
 
 
 def _python(code: str, *args: str) -> subprocess.CompletedProcess:

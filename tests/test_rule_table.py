@@ -102,7 +102,8 @@ def test_one_health_formula_bands_and_an_overall_status_that_follows_the_worst_i
 def test_the_schema_has_exactly_the_documented_sections():
     with open(DEFAULT_PATH, encoding="utf-8") as fh:
         sections = list(yaml.safe_load(fh))
-    assert sections == ["run", "modules", "sampling", "stats", "thresholds", "exporters", "dynamics", "log"]
+    assert sections == ["run", "modules", "sampling", "stats", "thresholds", "exporters", "flight_recorder", "dynamics",
+                        "log"]
 
 
 def test_the_analyzers_read_the_same_thresholds_and_severities():

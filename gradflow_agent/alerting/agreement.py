@@ -2,9 +2,11 @@
 
 For every rule of the table (detect/spec.py) a synthetic snapshot holds layers on each side of its
 thresholds (fires, escalates, healthy, exactly at the threshold, NaN, statistic missing) and a run
-still in its warm-up. The in-process detector judges it; the agent's exporter turns the verdict into
-the series Prometheus would scrape; the expected alerts are exactly the detector's issues (name,
-severity, layer). `gradflow-agent rules --tests` writes the result as a promtool test file (the
+still in its warm-up, scraped from two ranks. The in-process detector judges it; the agent's exporter
+turns the verdict into the series Prometheus would scrape; the expected alerts are one per run and
+kind, at the highest severity the detector reports, carrying the number of flagged layers and the
+first and worst of them (the recording rules' aggregation over many layers and ranks, one page).
+`gradflow-agent rules --tests` writes the result as a promtool test file (the
 checked-in `deploy/prometheus/tests/gradflow-alerts.test.yml`), which `promtool test rules` runs
 against the generated rules: an alert that fires where the detector is silent, or the other way round,
 fails it.
@@ -20,8 +22,9 @@ import numpy as np
 
 from gradflow_agent.config import Section
 from gradflow_agent.detect import diagnose
-from gradflow_agent.detect.spec import RULES
-from gradflow_agent.export.metrics import ISSUE, ISSUE_VALUE, samples
+from gradflow_agent.detect.spec import RULES, severity_rank
+from gradflow_agent.export.budget import issue_extremes
+from gradflow_agent.export.metrics import ISSUE_EXTREME, ISSUE_LAYERS, samples
 from gradflow_agent.snapshot import LAYER_STATS, NONFINITE_TENSORS, Snapshot
 
 from .rules import _dump, build_rule_groups
@@ -98,8 +101,11 @@ def cases(th: Section) -> list[tuple[str, Snapshot]]:
     return out
 
 
-def _labels(run: str, labels: dict[str, str]) -> dict[str, str]:
-    return {"job": JOB, "instance": INSTANCE, "run": run, "rank": "0", **labels}
+RANKS = (("0", INSTANCE), ("1", "trainer-1:9465"))  # every series is scraped from two ranks
+
+
+def _labels(run: str, labels: dict[str, str], rank: str = "0", instance: str = INSTANCE) -> dict[str, str]:
+    return {"job": JOB, "instance": instance, "run": run, "rank": rank, **labels}
 
 
 def _series_text(name: str, labels: dict[str, str]) -> str:
@@ -107,9 +113,23 @@ def _series_text(name: str, labels: dict[str, str]) -> str:
     return f"{name}{{{inner}}}"
 
 
-def _expand(template: str, labels: dict[str, str], value: float) -> str:
-    """The Go templates of the shipped annotations, expanded as Prometheus does for these labels."""
-    text = template.replace('{{ printf "%.3g" $value }}', _go_g(value))
+_QUERY = re.compile(r'\{\{ with query \(printf `[^`]*which="(\w+)"\}` [^)]*\) \}\}\{\{ with first \. \}\}'
+                    r".*?\{\{ end \}\}\{\{ end \}\}")
+
+
+def _expand(template: str, labels: dict[str, str], value: float,
+            extremes: dict[str, tuple[str, float]] | None = None) -> str:
+    """The Go templates of the shipped annotations, expanded as Prometheus does for these labels
+    (`extremes`: which -> (layer, value), what the annotation's query of the first/worst layer returns)."""
+    extremes = extremes or {}
+
+    def query(m: re.Match) -> str:
+        found = extremes.get(m.group(1))
+        return "" if found is None else f"{found[0]} ({_go_g(found[1])})"
+
+    text = _QUERY.sub(query, template)
+    text = text.replace('{{ printf "%.3g" $value }}', _go_g(value)).replace('{{ printf "%.0f" $value }}',
+                                                                           f"{value:.0f}")
     return re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m.group(1), ""), text)
 
 
@@ -119,8 +139,8 @@ def _go_g(value: float) -> str:
 
 
 def promtool_tests(config: Section, rule_file: str = "../rules/gradflow-alerts.yml") -> dict[str, Any]:
-    """A promtool unit-test document: the detector's verdicts as input series, its issues as the
-    expected alerts (after each rule's `for:`), and silence while `for:` has not elapsed."""
+    """A promtool unit-test document: the detector's verdicts as input series (two ranks), one expected
+    alert per run and kind at its highest severity (after the rule's `for:`), silence before."""
     th = config.thresholds
     alerts = [r for g in build_rule_groups(config) for r in g["rules"] if "alert" in r]
     by_name: dict[str, list[dict]] = {}
@@ -130,36 +150,70 @@ def promtool_tests(config: Section, rule_file: str = "../rules/gradflow-alerts.y
     for run, snap in cases(th):
         snap = diagnose(snap, th)
         series = []
-        for metric, labels, value in samples(snap, {}):
-            if metric in (ISSUE, ISSUE_VALUE):
-                series.append({"series": _series_text(metric.name, _labels(run, labels)),
-                               "values": f"{value!r}x{MINUTES}"})
+        for rank, instance in RANKS:
+            for metric, labels, value in samples(snap, {}):
+                if metric in (ISSUE_LAYERS, ISSUE_EXTREME):
+                    series.append({"series": _series_text(metric.name, _labels(run, labels, rank, instance)),
+                                   "values": f"{value!r}x{MINUTES}"})
+        extremes: dict[str, dict[str, tuple[str, float]]] = {}
+        for kind, which, layer, value in issue_extremes(snap):
+            extremes.setdefault(kind, {})[which] = (layer, value)
         kinds = {run.split("-")[0]}
         cases_out = []
         for name, rules in by_name.items():
-            if rules[0]["labels"]["kind"] not in kinds:
+            kind = rules[0]["labels"]["kind"]
+            if kind not in kinds:
                 continue
             minutes = _minutes(rules[0]["for"])
+            flagged = [i for i in snap.issues if i.kind == kind]
             expected = []
-            for issue in snap.issues:
-                rule = next((r for r in rules if r["labels"]["severity"] == issue.severity
-                             and r["labels"]["kind"] == issue.kind), None)
-                if rule is None:
-                    continue
-                labels = {k: v for k, v in _labels(run, {"layer": issue.layer}).items()}
-                labels.update(rule["labels"])
-                value = issue.value if math.isfinite(issue.value) else 1.0
+            if flagged:
+                top = max((i.severity for i in flagged), key=severity_rank)
+                rule = next(r for r in rules if r["labels"]["severity"] == top)
+                count = sum(1 for i in flagged if i.severity == top)
+                labels = {"job": JOB, "run": run, **rule["labels"]}
                 expected.append({"exp_labels": labels, "exp_annotations": {
-                    k: _expand(v, labels, value) for k, v in rule["annotations"].items()}})
-            expected.sort(key=lambda e: (e["exp_labels"]["layer"], e["exp_labels"]["severity"]))
+                    k: _expand(v, labels, float(count), extremes.get(kind)) for k, v in rule["annotations"].items()}})
             if minutes:
                 cases_out.append({"eval_time": f"{minutes - 1}m", "alertname": name, "exp_alerts": []})
             cases_out.append({"eval_time": f"{minutes + 1}m", "alertname": name, "exp_alerts": expected})
-        tests.append({"name": f"{run}: the alerts are the detector's issues", "interval": "1m",
+        tests.append({"name": f"{run}: one alert per run and kind, the detector's verdict", "interval": "1m",
                       "input_series": series, "alert_rule_test": cases_out})
+    tests.append(_many_layers_test(config, by_name))
     tests.append(_agent_down_test(by_name["GradflowAgentDown"][0]["annotations"]["runbook_url"]))
     tests.append(_hung_test(by_name["TrainingHung"][0]))
+    tests.append(_straggler_test(by_name["TrainingStraggler"][0]))
     return {"rule_files": [rule_file], "evaluation_interval": "1m", "tests": tests}
+
+
+def _many_layers_test(config: Section, by_name: dict[str, list[dict]]) -> dict[str, Any]:
+    """1000 vanishing layers on 8 ranks: one GradientVanishing for the run, naming the first and the
+    worst layer (the aggregation the recording rules make)."""
+    th = config.thresholds
+    n, ranks = 1000, 8
+    t = float(th.vanishing)
+    pressure = [t / 2 * (1 + i / n) for i in range(n)]  # all below the threshold, the deepest least so
+    pressure[-1] = t / 3  # the first layer flagged is blocks.0, the worst the last one
+    layers = [f"blocks.{i}" for i in range(n)]
+    snap = diagnose(_snapshot(int(th.warmup_steps) + 100, {"grad_pressure": pressure}, layers), th)
+    series = []
+    for r in range(ranks):
+        for metric, labels, value in samples(snap, {}):
+            if metric in (ISSUE_LAYERS, ISSUE_EXTREME):
+                series.append({"series": _series_text(metric.name, _labels("deep", labels, str(r),
+                                                                            f"trainer-{r}:9464")),
+                               "values": f"{value!r}x{MINUTES}"})
+    rule = next(r for r in by_name["GradientVanishing"] if r["labels"]["severity"] == "warning")
+    extremes = {which: (layer, value) for kind, which, layer, value in issue_extremes(snap) if kind == "vanishing"}
+    labels = {"job": JOB, "run": "deep", **rule["labels"]}
+    count = sum(1 for i in snap.issues if i.kind == "vanishing")
+    assert count == n, count
+    return {"name": f"deep: {n} vanishing layers on {ranks} ranks page once", "interval": "1m",
+            "input_series": series,
+            "alert_rule_test": [{"eval_time": f"{_minutes(rule['for']) + 1}m", "alertname": "GradientVanishing",
+                                 "exp_alerts": [{"exp_labels": labels, "exp_annotations": {
+                                     k: _expand(v, labels, float(count), extremes)
+                                     for k, v in rule["annotations"].items()}}]}]}
 
 
 def _agent_down_test(runbook_url: str) -> dict[str, Any]:
@@ -196,6 +250,34 @@ def _hung_test(rule: dict[str, Any]) -> dict[str, Any]:
                 {"eval_time": f"{fire_at}m", "alertname": "TrainingHung", "exp_alerts": [{
                     "exp_labels": expected,
                     "exp_annotations": {k: _expand(v, labels, 0.0) for k, v in rule["annotations"].items()}}]}]}
+
+
+def _straggler_test(rule: dict[str, Any]) -> dict[str, Any]:
+    """Four ranks; rank 2's forward takes 45 ms against 5 ms from minute 10: TrainingStraggler for that run
+    after `for:`, naming rank 2, silent before and for a second run whose ranks are even."""
+    series = []
+    for run, slow in (("r1", "2"), ("even", None)):
+        for r in range(4):
+            labels = {"job": JOB, "instance": f"trainer-{r}:9464", "run": run, "rank": str(r)}
+            values = "0.005x10 0.045x20" if str(r) == slow else "0.005x30"
+            series.append({"series": _series_text("gradflow_forward_seconds", labels), "values": values})
+            series.append({"series": _series_text("gradflow_steps_total", labels), "values": "0+10x30"})
+    fire_at = 10 + _minutes(rule["for"]) + 1
+    labels = {"job": JOB, "run": "r1", **rule["labels"]}
+    text = {k: v.replace("{{ with query (printf `topk(1, job_run_rank:gradflow_forward_seconds:max"
+                         '{job="%s", run="%s"})` $labels.job $labels.run) }}{{ with first . }}'
+                         "{{ .Labels.rank }}{{ end }}{{ end }}", "2")
+            .replace("{{ with query (printf `job_run:gradflow_forward_seconds:median"
+                     '{job="%s", run="%s"}` $labels.job $labels.run) }}{{ with first . }}'
+                     '{{ printf "%.3g" .Value }}{{ end }}{{ end }}', "0.005")
+            for k, v in rule["annotations"].items()}
+    return {"name": "TrainingStraggler", "interval": "1m", "input_series": series,
+            "alert_rule_test": [
+                {"eval_time": "9m", "alertname": "TrainingStraggler", "exp_alerts": []},
+                {"eval_time": f"{fire_at - 2}m", "alertname": "TrainingStraggler", "exp_alerts": []},
+                {"eval_time": f"{fire_at}m", "alertname": "TrainingStraggler", "exp_alerts": [{
+                    "exp_labels": labels,
+                    "exp_annotations": {k: _expand(v, labels, 0.045) for k, v in text.items()}}]}]}
 
 
 def _minutes(duration: str) -> int:

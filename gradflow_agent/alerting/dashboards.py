@@ -150,10 +150,13 @@ def _stat(p: _Panels, title: str, description: str, unit: str, targets: list[pro
     return panel.thresholds(thresholds if thresholds is not None else _steps((None, "blue")))
 
 
-def _heatmap(p: _Panels, title: str, description: str, unit: str, expr: str, *, exponential: bool,
-             span: int = 12, height: int = 10) -> heatmap.Panel:
-    """Layers on the y axis (one series per layer, ordinal rows), time on x, the value as colour."""
-    panel = p.common(heatmap.Panel(), title, description, unit, [_query(expr, "{{layer}}")], span, height)
+def _heatmap(p: _Panels, title: str, description: str, unit: str, statistic: str, agg: str, *,
+             exponential: bool, span: int = 12, height: int = 10) -> heatmap.Panel:
+    """Depth bins on the y axis (`gradflow_depth_profile`: every layer of the run, whatever the series
+    budget, in a bounded number of rows), time on x, the bin's worst value as colour."""
+    fn = "min" if agg == "min" else "max"
+    expr = (f'{fn} by (bin) (gradflow_depth_profile{{{RUN_SEL}, statistic="{statistic}", agg="{agg}"}})')
+    panel = p.common(heatmap.Panel(), title, description, unit, [_query(expr, "{{bin}}")], span, height)
     color = (heatmap.HeatmapColorOptions().mode(hm.HeatmapColorMode.SCHEME).scheme("Spectral")
              .scale(hm.HeatmapColorScale.EXPONENTIAL if exponential else hm.HeatmapColorScale.LINEAR)
              .exponent(0.5).steps(64).reverse(False))
@@ -164,21 +167,18 @@ def _heatmap(p: _Panels, title: str, description: str, unit: str, expr: str, *, 
             .show_value(cm.VisibilityMode.NEVER).show_legend())
 
 
-def _depth_profile(p: _Panels, title: str, description: str, unit: str, metric: str,
+def _depth_profile(p: _Panels, title: str, description: str, unit: str, statistic: str, agg: str,
                    thresholds: db.ThresholdsConfig, *, log: bool, span: int = 8) -> barchart.Panel:
-    """One bar per layer, in model order (the `index` label of `gradflow_layer_info`)."""
-    expr = (f"max by (layer, index) (\n  {metric}{{{LAYER_SEL}}}\n"
-            f"  * on (job, instance, run, rank, layer) group_left (index)\n"
-            f"  gradflow_layer_info{{{LAYER_SEL}}}\n)")
-    target = _query(expr, "{{layer}}", instant=True, table_format=True)
+    """One bar per depth bin, input side first: the bin's worst value now, over every layer."""
+    fn = "min" if agg == "min" else "max"
+    expr = f'{fn} by (bin) (gradflow_depth_profile{{{RUN_SEL}, statistic="{statistic}", agg="{agg}"}})'
+    target = _query(expr, "{{bin}}", instant=True, table_format=True)
     panel = p.common(barchart.Panel(), title, description, unit, [target], span, 9)
-    panel = (panel.with_transformation(dm.DataTransformerConfig(id_val="convertFieldType", options={
-                "conversions": [{"targetField": "index", "destinationType": "number"}], "fields": {}}))
-             .with_transformation(dm.DataTransformerConfig(id_val="sortBy", options={
-                 "fields": {}, "sort": [{"field": "index", "desc": False}]}))
+    panel = (panel.with_transformation(dm.DataTransformerConfig(id_val="sortBy", options={
+                 "fields": {}, "sort": [{"field": "bin", "desc": False}]}))
              .with_transformation(dm.DataTransformerConfig(id_val="organize", options={
-                 "excludeByName": {"Time": True, "index": True}, "indexByName": {}, "renameByName": {}}))
-             .x_field("layer").x_tick_label_rotation(-45).x_tick_label_max_length(24)
+                 "excludeByName": {"Time": True}, "indexByName": {}, "renameByName": {}}))
+             .x_field("bin").x_tick_label_rotation(0).x_tick_label_max_length(4)
              .show_value(cm.VisibilityMode.NEVER).thresholds(thresholds)
              .color_scheme(db.FieldColor().mode(dm.FieldColorModeId.THRESHOLDS))
              .legend(cb.VizLegendOptions().show_legend(False).display_mode(cm.LegendDisplayMode.LIST)
@@ -186,6 +186,16 @@ def _depth_profile(p: _Panels, title: str, description: str, unit: str, metric: 
     if log:
         panel = panel.scale_distribution(_log10())
     return panel
+
+
+def _topk_table(p: _Panels, title: str, description: str, metric: str, worst: str, k: int = 10) -> table.Panel:
+    """The k worst named layers of one statistic now (bounded output whatever the depth)."""
+    fn = "bottomk" if worst == "min" else "topk"
+    expr = f"{fn}({k}, max by (run, rank, layer) ({metric}{{{LAYER_SEL}}}))"
+    panel = p.common(table.Panel(), title, description, "none", [_query(expr, instant=True, table_format=True)],
+                     8, 8)
+    return panel.with_transformation(dm.DataTransformerConfig(id_val="organize", options={
+        "excludeByName": {"Time": True}, "indexByName": {"layer": 0, "Value": 1}, "renameByName": {}}))
 
 
 def _issue_timeline(p: _Panels, title: str, description: str, target: prom.Dataquery,
@@ -266,9 +276,11 @@ def overview(th: Section) -> db.Dashboard:
                            "runs and ranks.", "suffix: steps/s",
                            [_query(f"sum(rate(gradflow_steps_total{{{RUN_SEL}}}[$__rate_interval]))")]))
     d = d.with_panel(_stat(p, "Issues flagged",
-                           "Layers the in-process detector flags now (gradflow_issue), all kinds together. "
-                           "Same thresholds as the alert rules, but without their `for:` delay.", "none",
-                           [_query(f"count(gradflow_issue{{{RUN_SEL}}}) or vector(0)", instant=True)],
+                           "Layers the in-process detector flags now (gradflow_issue_layers, every layer "
+                           "whatever the series budget), all kinds together, the worst rank of each run. "
+                           "Same verdict as the alert rules, but without their `for:` delay.", "none",
+                           [_query(f"sum(max by (job, run, kind, severity) (gradflow_issue_layers{{{RUN_SEL}}})) "
+                                   "or vector(0)", instant=True)],
                            thresholds=_above(1)))
     d = d.with_panel(_stat(p, "Non-finite values (recent)",
                            "NaN/Inf elements seen in gradients, activations and parameters over the last "
@@ -298,6 +310,14 @@ def overview(th: Section) -> db.Dashboard:
                          [_query(f"gradflow_grad_norm{{{RUN_SEL}}}", RUN_LEGEND)],
                          thresholds=_above(th.exploding), log=True, span=8))
 
+    d = d.with_panel(_ts(p, "Forward time by rank",
+                         "Mean wall time of the forward pass per step on each rank (gradflow_forward_seconds). "
+                         "Lockstep makes step times equal; the forward holds no collective, so a straggling "
+                         f"rank stands out here. TrainingStraggler fires {float(th.straggler_skew):.0%} above "
+                         "the run's median.", "s",
+                         [_query(f"max by (run, rank) (gradflow_forward_seconds{{{RUN_SEL}}})", RUN_LEGEND)],
+                         span=24, min_val=0))
+
     d = d.with_row(p.row("Health"))
     alerts_table = p.common(
         table.Panel(), "Firing alerts",
@@ -323,9 +343,10 @@ def overview(th: Section) -> db.Dashboard:
              .data_links([_layer_link()]))
     d = d.with_panel(worst)
     d = d.with_panel(_ts(p, "Issues by kind",
-                         "Layers flagged by the in-process detector over time, by issue kind "
-                         "(vanishing, exploding, dead, nonfinite, unstable, saturated, stalled).", "none",
-                         [_query(f"count by (kind) (gradflow_issue{{{RUN_SEL}}})", "{{kind}}")], span=12))
+                         "Layers flagged by the in-process detector over time, by issue kind (every layer, "
+                         "the worst rank of each run).", "none",
+                         [_query(f"sum by (kind) (max by (job, run, kind, severity) "
+                                 f"(gradflow_issue_layers{{{RUN_SEL}}}))", "{{kind}}")], span=12))
     d = d.with_panel(_ts(p, "Alerts over time",
                          "Firing gradflow alerts by name over time.", "none",
                          [_query(f'count by (alertname) (ALERTS{{alertstate="firing", '
@@ -382,51 +403,63 @@ def layers(th: Section) -> db.Dashboard:
     d = d.with_panel(_heatmap(
         p, "Gradient pressure by layer",
         "Mean per-step L2 norm of each layer's parameter gradient (gradflow_grad_pressure). Alerts: "
-        f"below {th.vanishing:g} vanishing, above {th.exploding:g} exploding.", "none",
-        f"max by (layer) (gradflow_grad_pressure{{{LAYER_SEL}}})", exponential=True))
+        f"below {th.vanishing:g} vanishing, above {th.exploding:g} exploding. Rows are depth bins "
+        "(input side first) holding the smallest pressure of their layers.", "none",
+        "grad_pressure", "min", exponential=True))
     d = d.with_panel(_heatmap(
         p, "Activation zero ratio by layer",
-        "Fraction of exactly-zero outputs of each layer (gradflow_activation_zero_ratio). On ReLU-family "
-        f"layers, above {th.dead_ratio:g} fires DeadNeurons.", "percentunit",
-        f"max by (layer) (gradflow_activation_zero_ratio{{{LAYER_SEL}}})", exponential=False))
+        "Fraction of exactly-zero outputs (gradflow_activation_zero_ratio), the largest of each depth bin. "
+        f"On ReLU-family layers, above {th.dead_ratio:g} fires DeadNeurons.", "percentunit",
+        "activation_zero_ratio", "max", exponential=False))
     d = d.with_panel(_heatmap(
         p, "Activation saturation by layer",
         "Fraction of the outputs of bounded activations (tanh, sigmoid, softmax...) sitting at their "
-        f"bounds (gradflow_activation_saturation_ratio); above {th.saturation_ratio:g} fires "
-        "ActivationSaturation.", "percentunit",
-        f"max by (layer) (gradflow_activation_saturation_ratio{{{LAYER_SEL}}})", exponential=False))
+        f"bounds (gradflow_activation_saturation_ratio), the largest of each depth bin; above "
+        f"{th.saturation_ratio:g} fires ActivationSaturation.", "percentunit",
+        "activation_saturation_ratio", "max", exponential=False))
     d = d.with_panel(_heatmap(
         p, "Update ratio by layer",
-        "Update-to-weight ratio ||dw||/||w|| per optimizer step (gradflow_update_ratio); healthy training "
+        "Latest update-to-weight ratio ||dw||/||w||, the smallest of each depth bin; healthy training "
         f"is often near 1e-3, below {th.stalled_update_ratio:g} fires TrainingStalled.", "none",
-        f"max by (layer) (gradflow_update_ratio{{{LAYER_SEL}}})", exponential=True))
+        "update_ratio_last", "min", exponential=True))
 
     d = d.with_row(p.row("Depth profile (model order)"))
     d = d.with_panel(_depth_profile(
-        p, "Gradient pressure by depth",
-        "Gradient pressure of each layer now, in model order (log scale): vanishing gradients shrink "
-        "towards the input, exploding ones grow. Red: outside the alert thresholds.", "none",
-        "gradflow_grad_pressure", _band(th.vanishing, th.exploding), log=True))
+        p, "Smallest gradient pressure by depth",
+        "The smallest gradient pressure of each depth bin now, input side first (log scale): vanishing "
+        "gradients shrink towards the input. Red: below the vanishing threshold.", "none",
+        "grad_pressure", "min", _below(th.vanishing), log=True))
     d = d.with_panel(_depth_profile(
-        p, "Update ratio by depth",
-        "Update-to-weight ratio of each layer now, in model order (log scale). Red: below the stalled "
-        "threshold.", "none", "gradflow_update_ratio", _below(th.stalled_update_ratio), log=True))
+        p, "Largest gradient pressure by depth",
+        "The largest gradient pressure of each depth bin now (log scale): exploding gradients grow "
+        "towards the input. Red: above the exploding threshold.", "none",
+        "grad_pressure", "max", _above(th.exploding), log=True))
     d = d.with_panel(_depth_profile(
-        p, "Health score by depth",
-        "Health score (0-100) of each layer now, in model order.", "none",
-        "gradflow_layer_health_score", _health(), log=False))
+        p, "Lowest health score by depth",
+        "The lowest health score (0-100) of each depth bin now.", "none", "health", "min", _health(), log=False))
+
+    d = d.with_row(p.row("Worst layers now (named)"))
+    d = d.with_panel(_topk_table(
+        p, "Smallest gradient pressure", "The ten layers with the smallest gradient pressure now (vanishing "
+        "first). Named exactly within the series budget: the worst layers always are.", "gradflow_grad_pressure",
+        "min"))
+    d = d.with_panel(_topk_table(
+        p, "Largest gradient pressure", "The ten layers with the largest gradient pressure now (exploding "
+        "first).", "gradflow_grad_pressure", "max"))
+    d = d.with_panel(_topk_table(
+        p, "Lowest health", "The ten least healthy layers now.", "gradflow_layer_health_score", "min"))
 
     d = d.with_row(p.row("Stability"))
     d = d.with_panel(_ts(p, "Gradient turbulence",
                          "Coefficient of variation of each layer's gradient pressure over the window "
                          "(gradflow_grad_turbulence); the dashed line is the GradientUnstable threshold.",
-                         "none", [_query(f"max by (layer) (gradflow_grad_turbulence{{{LAYER_SEL}}})",
+                         "none", [_query(f"topk(10, max by (layer) (gradflow_grad_turbulence{{{LAYER_SEL}}}))",
                                          "{{layer}}")], thresholds=_above(th.unstable_cv)))
     d = d.with_panel(_ts(p, "Dead unit ratio",
                          "Fraction of ReLU-family units that never fired over the window "
                          "(gradflow_activation_dead_unit_ratio); the dashed line is the DeadNeurons "
                          "threshold.", "percentunit",
-                         [_query(f"max by (layer) (gradflow_activation_dead_unit_ratio{{{LAYER_SEL}}})",
+                         [_query(f"topk(10, max by (layer) (gradflow_activation_dead_unit_ratio{{{LAYER_SEL}}}))",
                                  "{{layer}}")], thresholds=_above(th.dead_unit_ratio), min_val=0, max_val=1))
     return d.with_panel(_issue_timeline(
         p, "Detector issues by layer",

@@ -1,19 +1,22 @@
-"""Prometheus alert rules rendered from the rule table (`detect/spec.py`).
+"""Prometheus recording and alert rules rendered from the rule table (`detect/spec.py`).
 
-Design: the alerts fire on the agent's own verdict, `gradflow_issue{kind, severity}`, which the
-in-process detector computes from the rule table on every snapshot, over every layer, with the
-interval views (mean, latest, window) the table names, NaN handling, warm-up and severity escalation.
-PromQL only routes it: one alert per (rule, severity), each holding for the rule's `for:`. So an alert
-fires exactly where, and with the severity with which, `agent.issues()` reports the issue, and no
-condition exists twice (the thresholds still come from the config the agent runs with). The alert's
-value is the judged statistic (`gradflow_issue_value`). `GradflowAgentDown` is the one rule about the
-target itself, on Prometheus' `up`.
+Design: the alerts fire on the agent's own verdict, which the in-process detector computes from the
+rule table on every snapshot, over every layer, with the interval views (mean, latest, window) the
+table names, NaN handling, warm-up and severity escalation. PromQL only routes it, so no condition
+exists twice (the thresholds still come from the config the agent runs with).
+
+**One page per incident.** The agent exports, per run and rank, how many layers each (kind, severity)
+flags (`gradflow_issue_layers`) and the first and the worst flagged layer with the judged value
+(`gradflow_issue_extreme`), exact over every layer whatever the series budget. The recording group
+reduces these, and the depth profile, per run (`gradflow_run:*`: over ranks and instances); the
+alerts read only those recorded series. So a fault of all 1000 layers on 8 ranks is one alert per
+kind per run (the warning alert stands down while the same kind is critical), carrying the number of
+layers and the first and worst layer in its annotations, and a global Prometheus that federates the
+`job_run:gradflow_*` series (deploy/prometheus/federation) evaluates the very same alerts. Per-layer
+detail lives in the dashboards. `GradflowAgentDown` (on `up`) and `TrainingHung` stay per target.
 
 `gradflow-agent rules --config FILE [--format prometheus|k8s]` writes the file; the checked-in
 `deploy/prometheus/rules/gradflow-alerts.yml` is the output for `config/default.yaml`.
-
-Every per-layer alert aggregates with an explicit `by (job, instance, run, rank, layer)`, so extra
-target labels (pod, namespace, user labels) never split or duplicate an alert.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 import yaml
 
 from gradflow_agent.config import Section, load_config
-from gradflow_agent.detect.spec import RULES, Rule
+from gradflow_agent.detect.spec import RULES, Rule, severity_rank
 
 #: Where the runbooks are published; `docs/runbooks/<Alert>.md` in the repository.
 RUNBOOK_BASE_URL = "https://github.com/gradflow-agent/gradflow-agent/blob/main/docs/runbooks"
@@ -34,9 +37,10 @@ RUNBOOK_BASE_URL = "https://github.com/gradflow-agent/gradflow-agent/blob/main/d
 #: prometheus-operator PodMonitor names its job `<namespace>/<name>`).
 DEFAULT_JOB_REGEX = ".*gradflow.*"
 GROUP_NAME = "gradflow-agent"
+RECORDS_GROUP_NAME = "gradflow-agent-records"
 
-RUN_LABELS = ("job", "instance", "run", "rank")
-LAYER_LABELS = (*RUN_LABELS, "layer")
+RUN_LABELS = ("job", "instance", "run", "rank")  # one training process
+JOB_RUN = ("job", "run")  # one run, over its ranks and instances: what a per-run alert is about
 
 #: How a gauge's value is printed in annotations: 3 significant digits.
 VALUE = '{{ printf "%.3g" $value }}'
@@ -62,6 +66,7 @@ ALERTS: tuple[AlertSpec, ...] = (
     *(AlertSpec(r.alert, r.kind, r.severities, r.for_) for r in RULES),
     AlertSpec("GradflowAgentDown", "agent_down", ("warning",), "5m"),
     AlertSpec("TrainingHung", "hung", ("critical",), "5m"),
+    AlertSpec("TrainingStraggler", "straggler", ("warning",), "5m"),
 )
 #: How long a served run may go without an optimizer step before TrainingHung (plus its `for:`).
 DEFAULT_HUNG_AFTER = "10m"
@@ -71,8 +76,46 @@ def _by(labels) -> str:
     return ", ".join(labels)
 
 
-def _where() -> str:
-    return "layer {{ $labels.layer }} (run {{ $labels.run }}, rank {{ $labels.rank }}, {{ $labels.instance }})"
+def _extreme(kind: str, which: str) -> str:
+    """Go template: '<layer> (<value>)' of the run's first or worst layer flagged with `kind`."""
+    query = (f'printf `{RUN_ISSUE_EXTREME}{{job="%s", run="%s", kind="{kind}", which="{which}"}}` '
+             "$labels.job $labels.run")
+    return (f"{{{{ with query ({query}) }}}}{{{{ with first . }}}}{{{{ .Labels.layer }}}} "
+            f'({{{{ printf "%.3g" .Value }}}}){{{{ end }}}}{{{{ end }}}}')
+
+
+#: The recorded per-run series the alerts (and the dashboards' overview) read.
+RUN_ISSUE_LAYERS = "job_run:gradflow_issue_layers:max"
+RUN_ISSUE_EXTREME = "job_run:gradflow_issue_extreme:max"
+
+
+def recording_rules() -> list[dict[str, Any]]:
+    """Per-run reductions: over ranks and instances of a run, kept small enough to federate."""
+    by_run = _by(JOB_RUN)
+    return [
+        {"record": RUN_ISSUE_LAYERS,
+         "expr": f"max by ({by_run}, kind, severity) (gradflow_issue_layers)"},
+        {"record": RUN_ISSUE_EXTREME,
+         "expr": f"max by ({by_run}, kind, which, layer) (gradflow_issue_extreme)"},
+        {"record": "job_run:gradflow_depth_profile:min",
+         "expr": f'min by ({by_run}, statistic, bin) (gradflow_depth_profile{{agg="min"}})'},
+        {"record": "job_run:gradflow_depth_profile:max",
+         "expr": f'max by ({by_run}, statistic, bin) (gradflow_depth_profile{{agg="max"}})'},
+        {"record": "job_run:gradflow_layer_worst:min",
+         "expr": f'min by ({by_run}, statistic) (gradflow_depth_profile{{agg="min"}})'},
+        {"record": "job_run:gradflow_layer_worst:max",
+         "expr": f'max by ({by_run}, statistic) (gradflow_depth_profile{{agg="max"}})'},
+        {"record": "job_run:gradflow_steps:rate5m",
+         "expr": f"max by ({by_run}) (rate(gradflow_steps_total[5m]))"},
+        {"record": "job_run:gradflow_grad_norm:max", "expr": f"max by ({by_run}) (gradflow_grad_norm)"},
+        {"record": "job_run:gradflow_loss:avg", "expr": f"avg by ({by_run}) (gradflow_loss)"},
+        {"record": "job_run:gradflow_ranks:count", "expr": f"count by ({by_run}) (gradflow_steps_total)"},
+        {"record": "job_run:gradflow_forward_seconds:max", "expr": f"max by ({by_run}) (gradflow_forward_seconds)"},
+        {"record": "job_run:gradflow_forward_seconds:median",
+         "expr": f"quantile by ({by_run}) (0.5, gradflow_forward_seconds)"},
+        {"record": "job_run_rank:gradflow_forward_seconds:max",
+         "expr": f"max by ({by_run}, rank) (gradflow_forward_seconds)"},
+    ]
 
 
 def _condition_text(rule: Rule, th: Section) -> str:
@@ -98,25 +141,28 @@ def _escalation_text(rule: Rule, th: Section) -> str:
 
 
 def _alert(rule: Rule, severity: str, th: Section, runbook_base: str) -> dict[str, Any]:
-    verdict = f'gradflow_issue{{kind="{rule.kind}", severity="{severity}"}}'
-    expr = (f'max by ({_by(LAYER_LABELS)}) (gradflow_issue_value{{kind="{rule.kind}"}})\n'
-            f"and on ({_by(LAYER_LABELS)})\n"
-            f"  {verdict}\n"
-            f"or on ({_by(LAYER_LABELS)})\n"
-            f"  max by ({_by(LAYER_LABELS)}) ({verdict})\n")
+    count = f'{RUN_ISSUE_LAYERS}{{kind="{rule.kind}", severity="{severity}"}} > 0'
+    expr = count + "\n"
+    worse = [s for s in rule.severities if severity_rank(s) > severity_rank(severity)]
+    for higher in worse:  # one page per incident: the higher severity stands in for this one
+        expr += (f"unless on ({_by(JOB_RUN)})\n"
+                 f'  {RUN_ISSUE_LAYERS}{{kind="{rule.kind}", severity="{higher}"}} > 0\n')
     condition = _condition_text(rule, th)
     if severity == "critical" and severity != rule.severity:
         condition += f", critical when {_escalation_text(rule, th)}"
-    description = (f"The in-process detector flags %(where)s as {rule.kind} ({severity}): {condition} "
-                   f"(judged on the {rule.view}); the judged value is %(value)s.")
+    layers = '{{ printf "%.0f" $value }}'
+    description = (f"The in-process detector flags {layers} layer(s) of run {{{{ $labels.run }}}} "
+                   f"(job {{{{ $labels.job }}}}) as {rule.kind} ({severity}): {condition} (judged on the "
+                   f"{rule.view}). First: {_extreme(rule.kind, 'first')}; worst: {_extreme(rule.kind, 'worst')}. "
+                   f"Per-layer detail: the gradflow-layers dashboard, or `gradflow-agent top`.")
     return {
         "alert": rule.alert,
         "expr": expr,
         "for": rule.for_,
         "labels": {"severity": severity, "kind": rule.kind},
         "annotations": {
-            "summary": f"{rule.summary} in layer {{{{ $labels.layer }}}} (run {{{{ $labels.run }}}})",
-            "description": description % {"where": _where(), "value": VALUE},
+            "summary": f"{rule.summary} in {layers} layer(s) of run {{{{ $labels.run }}}}",
+            "description": description,
             "runbook_url": f"{runbook_base.rstrip('/')}/{rule.alert}.md",
         },
     }
@@ -166,11 +212,42 @@ def _training_hung(runbook_base: str, hung_after: str) -> dict[str, Any]:
     }
 
 
+def _training_straggler(th: Section, runbook_base: str) -> dict[str, Any]:
+    """One rank's forward pass (compute no collective waits for) takes longer than the run's median by
+    `thresholds.straggler_skew`: the whole job runs at that rank's pace. Lockstep makes step times equal,
+    so step time cannot show it (stats/pace.py)."""
+    skew = float(th.straggler_skew)
+    slowest = ('{{ with query (printf `topk(1, job_run_rank:gradflow_forward_seconds:max{job="%s", run="%s"})` '
+               "$labels.job $labels.run) }}{{ with first . }}{{ .Labels.rank }}{{ end }}{{ end }}")
+    median = ('{{ with query (printf `job_run:gradflow_forward_seconds:median{job="%s", run="%s"}` '
+              '$labels.job $labels.run) }}{{ with first . }}{{ printf "%.3g" .Value }}{{ end }}{{ end }}')
+    return {
+        "alert": "TrainingStraggler",
+        "expr": (f"job_run:gradflow_forward_seconds:max\n"
+                 f"  > {1 + skew:g} * job_run:gradflow_forward_seconds:median\n"
+                 f"and on ({_by(JOB_RUN)})\n"
+                 f"  job_run:gradflow_ranks:count > 1\n"),
+        "for": "5m",
+        "labels": {"severity": "warning", "kind": "straggler"},
+        "annotations": {
+            "summary": f"Rank {slowest} of run {{{{ $labels.run }}}} is a straggler",
+            "description": (f"The forward pass of rank {slowest} of run {{{{ $labels.run }}}} "
+                            f"(job {{{{ $labels.job }}}}) "
+                            f'takes {{{{ printf "%.3g" $value }}}} s against a median of {median} s over the ranks '
+                            f"(thresholds.straggler_skew = {skew:g}): every rank waits for it in the gradient "
+                            "collectives. A slow or throttled device, a noisy neighbour, an unbalanced batch or "
+                            "data loader on that rank."),
+            "runbook_url": f"{runbook_base.rstrip('/')}/TrainingStraggler.md",
+        },
+    }
+
+
 def _alert_rules(th: Section, runbook_base: str, job_regex: str, alert_absent: bool,
                  hung_after: str = DEFAULT_HUNG_AFTER) -> list[dict[str, Any]]:
     rules = [_alert(rule, severity, th, runbook_base) for rule in RULES for severity in rule.severities]
     rules.append(_agent_down(runbook_base, job_regex, alert_absent))
     rules.append(_training_hung(runbook_base, hung_after))
+    rules.append(_training_straggler(th, runbook_base))
     return rules
 
 
@@ -183,7 +260,8 @@ def build_rule_groups(config: Section | Mapping[str, Any] | str | os.PathLike | 
     training jobs come and go, so "no target at all" is normal between runs.
     """
     cfg = config if isinstance(config, Section) else load_config(config)
-    return [{"name": GROUP_NAME,
+    return [{"name": RECORDS_GROUP_NAME, "rules": recording_rules()},
+            {"name": GROUP_NAME,
              "rules": _alert_rules(cfg.thresholds, runbook_base_url, job_regex, alert_absent, hung_after)}]
 
 
@@ -209,9 +287,9 @@ def _dump(data: Any) -> str:
 
 def _header(source: str) -> str:
     return (f"# Generated by `gradflow-agent rules` from {source}; do not edit by hand.\n"
-            f"# The alerts fire on the in-process detector's verdict (gradflow_issue), computed from the rule\n"
-            f"# table (gradflow_agent/detect/spec.py) with the config's `thresholds:`. Regenerate after changing\n"
-            f"# either.\n")
+            f"# The alerts page once per run on the in-process detector's verdict (gradflow_issue_layers,\n"
+            f"# reduced per run by the recording group), computed from the rule table\n"
+            f"# (gradflow_agent/detect/spec.py) with the config's `thresholds:`. Regenerate after changing either.\n")
 
 
 def render_prometheus(groups: list[dict[str, Any]], source: str = "config/default.yaml") -> str:

@@ -4,7 +4,10 @@ Every analyzer attaches the agent (its hooks, device statistics and snapshots) f
 passes and adds what a live monitor cannot afford; docs/analyzers.md defines every metric.
 
     from gradflow_agent.analyze import GradientFlowAnalyzer
-    issues = GradientFlowAnalyzer(model).analyze(input_fn, loss_fn, steps=20)
+    report = GradientFlowAnalyzer().analyze(model, inputs, loss_fn=loss_fn, targets=targets, steps=20)
+
+Every analyzer implements one contract (`base.Analyzer`: that `analyze` signature, a FlowReport back); the seed
+classes also accept their seeds' documented call shapes (docs/analyzers.md).
 
 Names are imported on first use (PEP 562), so that light modules (`analyze.health`, `analyze.base`) can be
 imported from anywhere in the package without pulling in the agent.
@@ -16,11 +19,12 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "base": ("MODEL", "SEED003", "SEED004", "FlowIssue", "FlowThresholds", "IssueSeverity", "IssueType",
-             "filter_issues"),
+    "base": ("MODEL", "SEED003", "SEED004", "Analyzer", "FlowIssue", "FlowThresholds", "IssueSeverity",
+             "IssueType", "filter_issues", "resolve_thresholds"),
+    "core": ("FlowEngine",),
     "attention": ("AttentionAnalyzer",),
     "comparative": ("ComparativeAnalyzer", "Comparison", "LayerDelta", "compare_reports", "load_state_dict"),
-    "flow": ("FlowAnalyzer", "FlowEngine", "GradientFlowAnalyzer"),
+    "flow": ("FlowAnalyzer", "GradientFlowAnalyzer"),
     "health": ("HealthPolicy", "HealthStatus", "LayerHealth", "layer_health", "snapshot_health_scores"),
     "history": ("History",),
     "jacobian": ("WeightSpectrum", "weight_spectrum"),

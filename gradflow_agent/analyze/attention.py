@@ -14,37 +14,44 @@ import torch
 from torch import nn
 
 from ..report.flow_report import FlowReport
-from .base import SEED004
+from .base import contract_call
+from .core import FlowEngine
 from .engine import NO_TARGET, batches_from
 from .transformer import AttentionLayerMetrics, AttentionStats, TransformerAnalyzer
 
 
 class AttentionAnalyzer(TransformerAnalyzer):
-    """Q/K/V gradients, residual health, head balance and FFN bottlenecks of a transformer (seed 004 thresholds).
+    """Q/K/V gradients, residual health, head balance and FFN bottlenecks of a transformer.
 
-    `num_heads`, when given, is checked against every nn.MultiheadAttention found (a mismatch is reported in
-    the report's meta as `num_heads_mismatch`).
+    The contract (`analyze(model, inputs, *, loss_fn, targets, steps=5) -> FlowReport`), or seed 004's
+    `analyze(model, tokens, labels, loss_fn, steps=5) -> FlowReport`. `num_heads`, when given, is checked
+    against every nn.MultiheadAttention found (a mismatch is in the report's meta as `num_heads_mismatch`).
     """
 
     analyzer_name = "AttentionAnalyzer"
-    default_thresholds = SEED004
+    default_steps = 5
 
     def __init__(self, num_heads: int | None = None, model: nn.Module | None = None, **kwargs: Any) -> None:
-        kwargs.setdefault("thresholds", SEED004)
-        super().__init__(model, **kwargs)  # type: ignore[arg-type]
+        super().__init__(model, **kwargs)
         self.num_heads = num_heads
 
-    def analyze(self, model: nn.Module | None = None, tokens: Any = None, labels: Any = NO_TARGET,  # type: ignore[override]
-                loss_fn: Callable[..., torch.Tensor] | None = None, steps: int = 5, *,
-                title: str | None = None) -> FlowReport:
-        model = self._bind(model, loss_fn)
-        report = self._run(model, batches_from(x=tokens, y=labels), loss_fn, steps, title)
+    def analyze(self, *args: Any, **kwargs: Any) -> FlowReport:  # type: ignore[override]
+        if contract_call(args, kwargs, frozenset({"tokens", "labels"})):
+            return FlowEngine.analyze(self, *args, **kwargs)
+        return self._seed004(*args, **kwargs)
+
+    def _seed004(self, model: nn.Module | None = None, tokens: Any = None, labels: Any = NO_TARGET,
+                 loss_fn: Callable[..., torch.Tensor] | None = None, steps: int = 5, *,
+                 title: str | None = None) -> FlowReport:
+        return self._analyze(self._bind(model), batches_from(x=tokens, y=labels), loss_fn, steps, title)
+
+    def _finish(self, report: FlowReport, model: nn.Module) -> None:
+        super()._finish(report, model)
         if self.num_heads is not None:
             wrong = {n: m.num_heads for n, m in model.named_modules()
                      if isinstance(m, nn.MultiheadAttention) and m.num_heads != self.num_heads}
             if wrong:
                 report.meta["num_heads_mismatch"] = wrong
-        return report
 
     def get_transformer_metrics(self) -> AttentionStats:
         st = self.results.get("attention")

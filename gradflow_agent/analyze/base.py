@@ -8,9 +8,16 @@ gradients through time). Everything here is plain data: computing and displaying
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # type-only (never executed): report.flow_report imports this module
+    from torch import nn
+
+    from ..report.flow_report import FlowReport
 
 MODEL = "(model)"  # the `layer` of a model-level issue (decay through depth, entropy collapse, ...)
 
@@ -37,8 +44,8 @@ class IssueSeverity(str, Enum):
 
 
 _SEVERITY_RANK = {IssueSeverity.LOW: 0, IssueSeverity.MEDIUM: 1, IssueSeverity.HIGH: 2, IssueSeverity.CRITICAL: 3}
-# The agent's in-process detector speaks info/warning/critical.
-FROM_AGENT_SEVERITY = {"info": IssueSeverity.LOW, "warning": IssueSeverity.MEDIUM, "critical": IssueSeverity.CRITICAL}
+# The severity map itself is analyze/health.py's (SEVERITY_FROM_AGENT / SEVERITY_TO_AGENT); `_missing_` above
+# accepts the same names (tests/analyze/test_contract.py checks they agree).
 
 
 class IssueType(str, Enum):
@@ -195,13 +202,10 @@ class FlowIssue:
 
 
 def recommendation(issue_type: IssueType) -> str:
-    """The standard advice for an issue type (the agent's own text for the types its detector shares)."""
-    if issue_type in RECOMMENDATIONS:
-        return RECOMMENDATIONS[issue_type]
-    from ..detect.issues import RECOMMENDATIONS as AGENT_RECOMMENDATIONS
-
-    kind = {v: k for k, v in FROM_AGENT_KIND.items()}.get(issue_type)
-    return AGENT_RECOMMENDATIONS.get(kind, "") if kind else ""
+    """The analyzers' standard advice for an issue type. The types the agent's rule table shares (vanishing,
+    dead, ...) carry the agent's own text, filled in where those issues are made (detectors.py: this module
+    stays free of the agent's packages, which import it)."""
+    return RECOMMENDATIONS.get(issue_type, "")
 
 
 def make_issue(issue_type: IssueType, severity: IssueSeverity, layer: str, value: float, threshold: float,
@@ -246,41 +250,129 @@ _AGENT_KEYS = {"vanishing": "vanishing", "exploding": "exploding", "dead": "dead
 
 @dataclass(frozen=True)
 class FlowThresholds:
-    """Detection thresholds of the gradient-flow detectors. The agent's thresholds (vanishing to stalled)
-    default to the `thresholds:` section of default.yaml, the values the live detector and the alerts
-    use (seed 003's); the structural ones below them are the analyzers' own."""
+    """Every threshold of every analyzer, in one place. The agent's (vanishing to stalled) default to the
+    `thresholds:` section of default.yaml - the rule table's keys, the values the live detector and the alerts
+    use; the rest are the analyzers' own structural thresholds (no live counterpart). Analyzers take them only
+    from here (`thresholds=` a FlowThresholds or a `thresholds:` mapping, plus keyword overrides)."""
 
-    vanishing: float = _AGENT_THRESHOLDS["vanishing"]  # mean per-layer gradient L2 norm ("pressure") below
+    vanishing: float = _AGENT_THRESHOLDS["vanishing"]  # absolute floor of pressure (the rule table's): VANISHING
     exploding: float = _AGENT_THRESHOLDS["exploding"]  # pressure above: EXPLODING
     dead: float = _AGENT_THRESHOLDS["dead_ratio"]  # fraction of exactly-zero gradients/ReLU outputs above: DEAD
     dead_unit_ratio: float = _AGENT_THRESHOLDS["dead_unit_ratio"]  # ReLU-family units that never fired, above
     unstable_cv: float = _AGENT_THRESHOLDS["unstable_cv"]  # coefficient of variation of pressure above: UNSTABLE
     saturation_ratio: float = _AGENT_THRESHOLDS["saturation_ratio"]  # saturated bounded outputs above: SATURATED
     stalled_update_ratio: float = _AGENT_THRESHOLDS["stalled_update_ratio"]  # update/weight ratio below: STALLED
+    # relative vanishing: pressure below this fraction of the median pressure of the model's parametric layers
+    vanishing_relative: float = 1e-3
     decay_decades: float = 3.0  # fitted pressure drop from the last to the first parametric layer, in decades
     layer_variance: float = 1.0  # std of the residuals of log10 pressure around the depth trend, in decades
     bottleneck_ratio: float = 6.0  # effective-rank compression (input / output of a layer) at or above: BOTTLENECK
     bottleneck_gain: float = 10.0  # backward gain across a compression layer above: the bottleneck amplifies
     oscillation_coherence: float = -0.5  # mean cosine of successive gradients at or below: OSCILLATION
     circulation_curl: float = 0.8  # turning consistency at or above (with >= half a turn): CIRCULATION
-    low_rank_ratio: float = 0.1  # weight effective rank / min(shape) below (enable_jacobian): LOW_RANK
+    low_rank_ratio: float = 0.1  # weight / hidden-state effective rank over its dimension below: LOW_RANK
+    # recurrent (seed 003 / 004)
+    optimal_radius: float = 0.9  # target spectral radius of the recurrent dynamics
+    critical_band: float = 0.15  # |radius - optimal_radius| beyond: SPECTRAL_LOW / SPECTRAL_HIGH
+    min_memory: float = 10.0  # effective memory length below (timesteps): SHORT_MEMORY
+    temporal_decay_warning: float = 0.1  # |decay rate| above (nats per timestep): VANISHING/EXPLODING_TEMPORAL
+    temporal_decay_critical: float = 0.3  # |decay rate| above: HIGH
+    gate_saturation: float = 0.5  # share of saturated sigmoid gate values above: GATE_SATURATION
+    # attention
+    min_attention_entropy: float = 0.5  # normalised attention entropy below: LOW_ATTENTION_ENTROPY
+    min_head_diversity: float = 0.3  # head diversity below: LOW_HEAD_DIVERSITY
+    attention_sink: float = 0.5  # share of a head's attention on one key above: ATTN_BOTTLENECK
+    qkv_imbalance: float = 100.0  # max/min Q/K/V gradient norm above: QKV_IMBALANCE
+    residual_decay: float = 0.1  # first/last block residual gradient ratio below: RESIDUAL_DECAY
+    ffn_dead: float = 0.5  # share of FFN hidden units that never fire above: FFN_BOTTLENECK
+    # policies
+    min_policy_entropy: float = 0.5  # normalised policy entropy below: ENTROPY_COLLAPSE / LOW_EXPLORATION
+    min_action_std: float = 0.1  # mean Gaussian action std below: LOW_ACTION_STD
+    max_action_std: float = 2.0  # mean Gaussian action std above: EXCESSIVE_EXPLORATION
+    max_policy_entropy: float = math.inf  # normalised policy entropy above: EXCESSIVE_EXPLORATION (off)
+    entropy_collapse_drop: float = 0.5  # relative entropy drop during the analysis above: ENTROPY_COLLAPSE
 
     def replace(self, **changes: Any) -> FlowThresholds:
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        return replace(self, **{k: float(v) for k, v in changes.items() if v is not None})
 
     @classmethod
     def from_config(cls, thresholds: Any) -> FlowThresholds:
-        """The agent's `thresholds:` section (a config Section or mapping) as analyzer thresholds."""
+        """The agent's `thresholds:` section (a config Section or mapping) as analyzer thresholds; analyzer-own
+        keys (the field names above) are read too when present."""
         get = thresholds.get if isinstance(thresholds, dict) else lambda k, d=None: getattr(thresholds, k, d)
-        return cls(**{name: float(get(key)) for name, key in _AGENT_KEYS.items() if get(key) is not None})
+        keys = {**{f.name: f.name for f in fields(cls)}, **_AGENT_KEYS}
+        return cls(**{name: float(get(key)) for name, key in keys.items() if get(key) is not None})
 
     def to_dict(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def resolve_thresholds(thresholds: FlowThresholds | Mapping[str, Any] | None = None,
+                       **overrides: float | None) -> FlowThresholds:
+    """The one way an analyzer gets its thresholds: a FlowThresholds, or a `thresholds:` config mapping (the
+    rule table's keys), or None for default.yaml's; then keyword overrides (None = keep)."""
+    if thresholds is None:
+        base = FlowThresholds()
+    elif isinstance(thresholds, FlowThresholds):
+        base = thresholds
+    else:
+        base = FlowThresholds.from_config(thresholds)
+    unknown = set(overrides) - {f.name for f in fields(FlowThresholds)}
+    if unknown:
+        raise TypeError(f"unknown threshold(s): {', '.join(sorted(unknown))}")
+    return base.replace(**overrides)
+
+
+#: default.yaml's thresholds (seed 003's table); kept as a name for existing user code.
 SEED003 = FlowThresholds()
-# Seed 004's table: pressure < 0.01 is vanishing, > 100 exploding.
+#: Seed 004's absolute table (pressure < 0.01 vanishing, > 100 exploding). No analyzer defaults to it any more:
+#: an absolute 0.01 flags healthy fresh transformers (their Q/K and norm gradients sit near 0.01); the offline
+#: VANISHING is the rule table's floor plus `vanishing_relative` (docs/analyzers.md).
 SEED004 = FlowThresholds(vanishing=0.01, exploding=100.0)
+
+
+# -- the one analyzer contract --------------------------------------------------------------------------------
+LossFn = Callable[..., Any]
+
+
+class Analyzer(ABC):
+    """The contract every analyzer implements (captum-style: one call shape for every algorithm)::
+
+        report = SomeAnalyzer(...options...).analyze(model, inputs, loss_fn=..., targets=..., steps=...)
+
+    - `model`: the nn.Module to analyse (None: the one given to the constructor);
+    - `inputs`: what the model is called with (a tensor, a tuple -> model(*x), a dict -> model(**x)), or a
+      zero-argument callable returning fresh inputs on each step;
+    - `loss_fn`: loss_fn(output) without targets, loss_fn(output, targets) with them; None uses `output.loss`
+      (Hugging Face models given labels) or the output itself when it is a scalar tensor;
+    - `targets`: passed to loss_fn (None: no targets);
+    - `steps`: forward/backward passes (None: the analyzer's `default_steps`);
+    - returns a FlowReport; analyzer-specific results are its typed `results` (and rendered `sections`).
+
+    Thresholds come only from FlowThresholds (`resolve_thresholds`), severities from detect/spec through
+    analyze/health.py's map, hooks only from gradflow_agent.hooks.add_module_hook."""
+
+    default_steps: ClassVar[int] = 10
+    analyzer_name: ClassVar[str] = "Analyzer"
+
+    @abstractmethod
+    def analyze(self, model: nn.Module | None = None, inputs: Any = None, *, loss_fn: LossFn | None = None,
+                targets: Any = None, steps: int | None = None, title: str | None = None) -> FlowReport:
+        """Analyse `model` on `inputs`; see the class docstring."""
+
+
+def contract_call(args: tuple[Any, ...], kwargs: dict[str, Any], legacy_keywords: frozenset[str]) -> bool:
+    """Whether a call to a seed class's `analyze` uses the contract's shape (model first, at most two
+    positionals, no legacy keyword) rather than that seed's documented shape."""
+    if len(args) > 2 or legacy_keywords & set(kwargs):
+        return False
+    first = args[0] if args else kwargs.get("model")
+    return first is None or _is_module(first)
+
+
+def _is_module(obj: Any) -> bool:
+    """An nn.Module, recognised without importing torch here (base.py stays light)."""
+    return any(c.__module__ == "torch.nn.modules.module" and c.__name__ == "Module" for c in type(obj).__mro__)
 
 
 def _clean(x: Any) -> float | None:

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from ..report.flow_report import FlowReport, section, series, table
-from .base import FlowIssue, jsonable
-from .engine import NO_TARGET, clone_model, model_device
+from .base import Analyzer, FlowIssue, LossFn, jsonable
+from .core import FlowEngine
+from .engine import NO_TARGET, batches_from, clone_model, contract_batches, model_device
 from .flow import FlowAnalyzer
 
 
@@ -160,25 +161,42 @@ def load_state_dict(path: str | os.PathLike, device: torch.device | str = "cpu")
                      "'model_state_dict' or 'model')")
 
 
-class ComparativeAnalyzer:
-    """Keeps named analyses and a training timeline; compares any two of them."""
+class ComparativeAnalyzer(Analyzer):
+    """Keeps named analyses and a training timeline; compares any two of them.
 
-    def __init__(self, steps: int = 5, analyzer_factory: Callable[[nn.Module], FlowAnalyzer] | None = None,
+    `analyze(model, inputs, *, loss_fn, targets, steps, title)` is the contract: it analyses with the factory's
+    analyzer (any FlowEngine) and keeps the report under `title`; the comparisons take those names."""
+
+    analyzer_name = "ComparativeAnalyzer"
+
+    def __init__(self, steps: int = 5, analyzer_factory: Callable[[nn.Module], FlowEngine] | None = None,
                  min_delta: float = 10.0) -> None:
         self.steps = steps
+        self.default_steps = steps
         self.factory = analyzer_factory or (lambda m: FlowAnalyzer(m))
         self.min_delta = min_delta
         self.analyses: dict[str, FlowReport] = {}
         self.timeline: list[tuple[int, FlowReport]] = []
 
+    def analyze(self, model: nn.Module | None = None, inputs: Any = None, *, loss_fn: LossFn | None = None,
+                targets: Any = None, steps: int | None = None, title: str | None = None) -> FlowReport:
+        """Analyse `model` (the contract) and keep the report under `title` (default: model_<n>)."""
+        if model is None:
+            raise TypeError("ComparativeAnalyzer.analyze() needs a model")
+        return self._keep(model, contract_batches(inputs, targets), loss_fn, steps, title)
+
+    def _keep(self, model: nn.Module, batch_fn: Callable[[], tuple[Any, Any]], loss_fn: LossFn | None,
+              steps: int | None, name: str | None) -> FlowReport:
+        name = name or f"model_{len(self.analyses)}"
+        report = self.factory(model)._analyze(model, batch_fn, loss_fn, steps or self.steps, name)
+        self.analyses[name] = report
+        return report
+
     def analyze_model(self, model: nn.Module, x: Any, y: Any = NO_TARGET,
                       loss_fn: Callable[..., torch.Tensor] | None = None, name: str | None = None,
                       steps: int | None = None) -> FlowReport:
-        """Analyse `model` and keep the report under `name` (default: model_<n>)."""
-        name = name or f"model_{len(self.analyses)}"
-        report = self.factory(model).analyze(x, y, loss_fn, steps=steps or self.steps, title=name)
-        self.analyses[name] = report
-        return report
+        """Seed 004's form: analyse model(x) with loss_fn(output, y) and keep the report under `name`."""
+        return self._keep(model, batches_from(x=x, y=y), loss_fn, steps, name)
 
     def compare(self, a: str | FlowReport, b: str | FlowReport) -> Comparison:
         """Compare two stored analyses (by name) or two reports."""
@@ -210,7 +228,7 @@ class ComparativeAnalyzer:
     def track_training(self, model: nn.Module, x: Any, y: Any = NO_TARGET,
                        loss_fn: Callable[..., torch.Tensor] | None = None, step: int = 0) -> FlowReport:
         """Analyse the model as it is at training step `step` and add it to the timeline."""
-        report = self.factory(model).analyze(x, y, loss_fn, steps=self.steps, title=f"step {step}")
+        report = self.factory(model)._analyze(model, batches_from(x=x, y=y), loss_fn, self.steps, f"step {step}")
         self.timeline.append((int(step), report))
         self.timeline.sort(key=lambda t: t[0])
         return report

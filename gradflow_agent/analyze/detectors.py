@@ -2,19 +2,25 @@
 
 Scalar issues (VANISHING, EXPLODING, DEAD, UNSTABLE, NUMERICAL, SATURATED, STALLED) come from the agent's
 own rules (`gradflow_agent.detect.rules`) run on the aggregated snapshot with the analyzer's thresholds,
-so a live alert and an offline analysis agree. Seed 003's "DEAD: > 90% of gradients are zero" is added
-for parametric layers. Depth structure (DECAY, AMPLIFICATION, LAYER_VARIANCE) and BOTTLENECK are new.
+so a live alert and an offline analysis agree; their severities go through analyze/health.py's one map.
+VANISHING is also judged relative to the model's median pressure (`relative_vanishing`). Seed 003's
+"DEAD: > 90% of gradients are zero" is added for parametric layers other than embeddings
+(`sparse_gradient`). Depth structure (DECAY, AMPLIFICATION, LAYER_VARIANCE) and BOTTLENECK are new.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
 from ..detect import rules
+from ..detect.spec import rule, severity_rank
 from ..snapshot import Snapshot
 from .base import (
     FROM_AGENT_KIND,
@@ -23,13 +29,29 @@ from .base import (
     FlowThresholds,
     IssueSeverity,
     IssueType,
+    jsonable,
     make_issue,
 )
+from .health import from_agent_severity, recommendation
 from .metrics import FlowMetrics
 
-# Severity of the agent's "warning" per issue type (its "critical" stays CRITICAL).
-_WARNING_AS = {IssueType.VANISHING: IssueSeverity.HIGH, IssueType.DEAD: IssueSeverity.HIGH,
-               IssueType.EXPLODING: IssueSeverity.HIGH}
+#: Layer types whose parameter gradient is row-sparse by construction: an embedding's rows that no token of the
+#: batch indexed (BERT's 512 position rows for a 16-token batch, most of a vocabulary) get exactly zero
+#: gradient. Zero-gradient elements say nothing about dead units there, so they are never judged DEAD on it.
+_SPARSE_GRADIENT = ("Embedding", "EmbeddingBag", "Embeddings")
+
+
+def sparse_gradient(layer_type: str) -> bool:
+    """Whether a layer type's gradient is row-sparse by construction (an embedding table)."""
+    return layer_type.endswith(_SPARSE_GRADIENT)
+
+
+def agent_advice(issue: FlowIssue) -> FlowIssue:
+    """The issue with the standard recommendation when it has none (the agent's, for the types its rule table
+    shares)."""
+    if issue.recommendation:
+        return issue
+    return dataclasses.replace(issue, recommendation=recommendation(issue.issue_type))
 
 
 def agent_thresholds(th: FlowThresholds) -> SimpleNamespace:
@@ -40,24 +62,83 @@ def agent_thresholds(th: FlowThresholds) -> SimpleNamespace:
 
 
 def scalar_issues(aggregate: Snapshot, th: FlowThresholds) -> list[FlowIssue]:
-    """The agent's detectors on the aggregate, as FlowIssues, plus zero-gradient DEAD layers."""
+    """The agent's detectors (the rule table) on the aggregate, as FlowIssues with the one severity map, plus
+    relative VANISHING (see `relative_vanishing`) and zero-gradient DEAD layers (embeddings excepted)."""
     out = []
     for issue in rules.detect(aggregate, agent_thresholds(th)):
-        kind = FROM_AGENT_KIND[issue.kind]
-        severity = IssueSeverity.CRITICAL if issue.severity == "critical" else \
-            _WARNING_AS.get(kind, IssueSeverity.MEDIUM)
-        out.append(FlowIssue(kind, severity, issue.layer, issue.value, issue.threshold, issue.message,
-                             issue.recommendation, issue.step, {"source": "gradflow_agent.detect.rules"}))
+        out.append(FlowIssue(FROM_AGENT_KIND[issue.kind], from_agent_severity(issue.severity), issue.layer,
+                             issue.value, issue.threshold, issue.message, issue.recommendation, issue.step,
+                             {"source": "gradflow_agent.detect.rules"}))
+    out += relative_vanishing(aggregate, th, {i.layer for i in out if i.issue_type is IssueType.VANISHING})
     dead = {i.layer for i in out if i.issue_type is IssueType.DEAD}
     zero = aggregate.stats["grad_zero_ratio"]
+    dead_rule = rule("dead")
     for i in np.flatnonzero(np.nan_to_num(zero, nan=-1.0) > th.dead):
         name = aggregate.layers[i]
-        if name in dead:
+        if name in dead or sparse_gradient(aggregate.layer_types[i]):
             continue
-        out.append(make_issue(IssueType.DEAD, IssueSeverity.CRITICAL if zero[i] >= 0.999 else IssueSeverity.HIGH,
+        critical = dead_rule.conditions[-1].critical(float(zero[i]), th.dead)
+        out.append(make_issue(IssueType.DEAD, from_agent_severity("critical" if critical else dead_rule.severity),
                               name, zero[i], th.dead,
                               f"{zero[i]:.0%} of the gradient elements are exactly zero (> {th.dead:.0%})",
                               aggregate.step))
+    return [agent_advice(i) for i in out]
+
+
+def relative_vanishing(aggregate: Snapshot, th: FlowThresholds, already: frozenset[str] | set[str] = frozenset()
+                       ) -> list[FlowIssue]:
+    """VANISHING relative to the model: a layer whose pressure is below `vanishing_relative` (1e-3) times the
+    median pressure of the model's layers with a gradient. Scale-free (a loss scaled by 0.01 flags nothing; a
+    fresh Llama/BERT, whose Q/K and norm gradients sit 1-2.5 decades below the median, is not flagged), while a
+    layer 3+ decades below the rest of its own model is. Severity follows the rule table's vanishing rule
+    (warning; critical beyond its critical_factor, i.e. 100x further below)."""
+    p = np.asarray(aggregate.stats["grad_pressure"], dtype=np.float64)
+    ok = np.isfinite(p) & (p > 0)
+    if ok.sum() < 3:
+        return []
+    median = float(np.median(p[ok]))
+    limit = th.vanishing_relative * median
+    van = rule("vanishing")
+    cond = van.conditions[0]
+    out = []
+    for i in np.flatnonzero(ok):
+        name = aggregate.layers[i]
+        if name in already or not cond.holds(float(p[i]), limit):
+            continue
+        ratio = float(p[i]) / median
+        sev = "critical" if cond.critical(float(p[i]), limit) else van.severity
+        out.append(make_issue(IssueType.VANISHING, from_agent_severity(sev), name, ratio, th.vanishing_relative,
+                              f"gradient pressure {p[i]:.3g} is {ratio:.2g} of the model's median {median:.3g} "
+                              f"(< {th.vanishing_relative:g})", aggregate.step, pressure=float(p[i]),
+                              median_pressure=median, criterion="relative"))
+    return out
+
+
+def recorded_issues(records: Sequence[dict[str, Any]]) -> list[FlowIssue]:
+    """Every (kind, layer) the agent flagged in recorded snapshots: its worst severity, latest value and message,
+    and the steps it was first and last seen at."""
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    for record in records:
+        for issue in record.get("issues", ()):
+            key = (issue["kind"], issue["layer"])
+            entry = seen.setdefault(key, {"first": issue.get("first_step") or issue.get("step", 0), "worst": "info",
+                                          "records": 0})
+            entry.update(last=issue)
+            entry["records"] += 1
+            if severity_rank(issue["severity"]) >= severity_rank(entry["worst"]):
+                entry["worst"] = issue["severity"]
+    out = []
+    for (kind, layer), entry in seen.items():
+        last = entry["last"]
+        value = float("nan") if last.get("value") is None else float(last["value"])
+        issue = make_issue(FROM_AGENT_KIND.get(kind, IssueType.NUMERICAL), from_agent_severity(entry["worst"]),
+                           layer, value, float(last.get("threshold") or 0.0), last.get("message", kind),
+                           step=int(last.get("step", 0)), first_step=int(entry["first"]),
+                           records=entry["records"], agent_severity=entry["worst"])
+        out.append(agent_advice(FlowIssue(issue.issue_type, issue.severity, issue.layer, issue.value,
+                                          issue.threshold, issue.message,
+                                          last.get("recommendation") or issue.recommendation, issue.step,
+                                          issue.details)))
     return out
 
 
@@ -83,7 +164,6 @@ class DepthProfile:
         return np.asarray(self.log10_pressure) - (self.intercept + self.slope * d)
 
     def to_dict(self) -> dict:
-        from .base import jsonable
         return jsonable({"layers": self.layers, "log10_pressure": self.log10_pressure, "slope": self.slope,
                          "intercept": self.intercept, "total_decay": self.total_decay,
                          "residual_std": self.residual_std})

@@ -1,8 +1,13 @@
-"""The analysis loop: attach the agent, run forward/backward for N steps, keep one snapshot per step.
+"""The analysis engine: the loop and the extension types (FlowEngine, in core.py, runs them).
 
-The agent measures (its hooks, device statistics and snapshots); collectors add the few measurements an
-analyzer needs on top (gradient directions, attention maps, ...). The model is left as it was found:
-gradients present before the analysis are restored, and parameters only move when an optimizer is given.
+The loop attaches the agent, runs forward/backward for N steps and keeps one snapshot per step. The agent
+measures (its hooks, device statistics and snapshots); collectors add the few measurements an analyzer needs
+on top (gradient directions, attention maps, ...), their hooks registered through hooks.add_module_hook, reduced
+on the device and read after the pass. The model is left as it was found: gradients present before the analysis
+are restored, and parameters only move when an optimizer is given.
+
+Extensions (vector, Jacobian, recurrent, attention, policy: each in its module) plug into core.FlowEngine; this
+module holds the types they share, so every extension module depends on it and on nothing above it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from torch import nn
 from ..agent import Agent, attach
 from ..hooks import Layer
 from ..snapshot import Snapshot
+from .base import FlowIssue, FlowThresholds
 from .history import History
+from .metrics import FlowMetrics
 from .probes import LayerFlowProbe, Probes
 
 NO_TARGET = object()  # batch_fn returned no target: loss_fn(output) instead of loss_fn(output, target)
@@ -144,7 +151,7 @@ def run_analysis(model: nn.Module, batch_fn: Callable[[], tuple[Any, Any]], loss
     agent = attach(model, offline_config(steps, overrides), optimizer=optimizer)
     probes = Probes(agent.errors)
     try:
-        flow = LayerFlowProbe(agent.layers, probes, measure_rank=measure_rank)
+        flow = LayerFlowProbe(agent.layers, probes, measure_rank=measure_rank, device=device)
         run = AnalysisRun(model, agent, agent.layers, probes, flow, steps, device)
         for c in collectors:
             c.attach(run)
@@ -168,6 +175,7 @@ def run_analysis(model: nn.Module, batch_fn: Callable[[], tuple[Any, Any]], loss
                 optimizer.step()  # the agent reads the gradients in its step pre-hook
             agent.step(loss=loss.detach())
             run.snapshots.append(agent.latest)
+            flow.add_output_norms(agent.latest)  # ||dL/d out||: the agent's own output-gradient statistic
             run.losses.append(float(loss.detach()))
             run.outputs = [_detach(output)]
             for p in model.parameters():
@@ -207,6 +215,34 @@ def batches_from(input_fn: Callable[[], Any] | None = None, x: Any = None, y: An
     return fixed
 
 
+def contract_batches(inputs: Any, targets: Any = None) -> Callable[[], tuple[Any, Any]]:
+    """The contract's inputs/targets as a batch function: a zero-argument callable (not a module) gives fresh
+    inputs each step, anything else is the fixed input; targets None means loss_fn(output)."""
+    if inputs is None:
+        raise TypeError("analyze() needs inputs (what the model is called with, or a function returning them)")
+    y = NO_TARGET if targets is None else targets
+    if callable(inputs) and not isinstance(inputs, (torch.Tensor, nn.Module)):
+        def fresh() -> tuple[Any, Any]:
+            return inputs(), y
+        return fresh
+    return batches_from(x=inputs, y=y)
+
+
+def default_loss(output: Any, *target: Any) -> torch.Tensor:
+    """The loss when no loss_fn is given: `output.loss` (a Hugging Face model given labels), else the output
+    itself when it is a scalar tensor."""
+    if target:
+        raise TypeError("targets were given without a loss_fn: pass loss_fn(output, targets)")
+    loss = None if isinstance(output, torch.Tensor) else getattr(output, "loss", None)
+    if loss is None and isinstance(output, dict):
+        loss = output.get("loss")
+    if isinstance(loss, torch.Tensor):
+        return loss
+    if isinstance(output, torch.Tensor) and output.ndim == 0:
+        return output
+    raise TypeError("no loss_fn given and the model output has no `loss` and is not a scalar: pass loss_fn")
+
+
 def clone_model(model: nn.Module) -> nn.Module:
     """A deep copy that shares nothing with `model` (for checkpoint comparisons)."""
     return copy.deepcopy(model)
@@ -226,3 +262,25 @@ def layer_parameters(layers: Sequence[Layer]) -> dict[int, list[nn.Parameter]]:
                 mine.append(p)
         out[layer.index] = mine
     return out
+
+
+# -- extensions ------------------------------------------------------------------------------------------------
+@dataclass
+class ExtensionResult:
+    """What an extension adds to a report: issues, a rendered section, and its typed result."""
+
+    issues: list[FlowIssue] = field(default_factory=list)
+    section: dict[str, Any] | None = None
+    stats: Any = None
+
+
+class Extension:
+    """An add-on measurement of an analysis: its collectors, then issues and a report section from the run."""
+
+    name = "extension"
+
+    def collectors(self) -> list[Collector]:
+        return []
+
+    def evaluate(self, run: AnalysisRun, metrics: list[FlowMetrics], th: FlowThresholds) -> ExtensionResult:
+        raise NotImplementedError

@@ -20,11 +20,33 @@ from typing import Any
 import numpy as np
 
 from ..detect import health as agent_health
-from .base import FlowIssue, IssueSeverity, jsonable, recommendation
+from ..detect.issues import RECOMMENDATIONS as AGENT_RECOMMENDATIONS
+from ..detect.spec import SEVERITIES
+from .base import FROM_AGENT_KIND, FlowIssue, IssueSeverity, IssueType, jsonable
+from .base import recommendation as analyzer_recommendation
 
-#: An analyzer severity as the agent's severity (the one health formula's penalties).
-TO_AGENT_SEVERITY = {IssueSeverity.CRITICAL: "critical", IssueSeverity.HIGH: "warning",
-                     IssueSeverity.MEDIUM: "warning", IssueSeverity.LOW: "info"}
+#: The one severity map. The rule table's severities (detect/spec.SEVERITIES: info < warning < critical) as
+#: analyzer severities, for every issue an analyzer derives from a rule (and for recorded agent issues) ...
+SEVERITY_FROM_AGENT: dict[str, IssueSeverity] = dict(zip(SEVERITIES, (IssueSeverity.LOW, IssueSeverity.MEDIUM,
+                                                                      IssueSeverity.CRITICAL)))
+#: ... and back, for the one health formula's penalties (HIGH, an analyzer-only grade, counts as warning).
+SEVERITY_TO_AGENT: dict[IssueSeverity, str] = {**{v: k for k, v in SEVERITY_FROM_AGENT.items()},
+                                               IssueSeverity.HIGH: "warning"}
+TO_AGENT_SEVERITY = SEVERITY_TO_AGENT  # the former name
+
+
+_AGENT_KIND_OF = {v: k for k, v in FROM_AGENT_KIND.items()}
+
+
+def recommendation(issue_type: IssueType) -> str:
+    """The standard advice for an issue type: the analyzers' text, or the agent's own for the types its rule
+    table shares (base.py cannot read the agent's: the agent's modules import it)."""
+    return analyzer_recommendation(issue_type) or AGENT_RECOMMENDATIONS.get(_AGENT_KIND_OF.get(issue_type, ""), "")
+
+
+def from_agent_severity(severity: str) -> IssueSeverity:
+    """The analyzer severity of a rule-table severity (info / warning / critical)."""
+    return SEVERITY_FROM_AGENT[str(severity)]
 
 
 class HealthStatus(str, Enum):

@@ -16,6 +16,7 @@ LOW_RANK when effective_rank / r < `low_rank_ratio` (default 0.1) for r >= 8. Ma
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,10 @@ import torch
 from torch import nn
 
 from ..hooks import Layer
+from ..report.flow_report import section, table
 from .base import FlowIssue, FlowThresholds, IssueSeverity, IssueType, jsonable, make_issue
+from .engine import AnalysisRun, Extension, ExtensionResult
+from .metrics import FlowMetrics
 
 
 @dataclass(frozen=True)
@@ -108,3 +112,63 @@ def jacobian_issues(spectra: list[WeightSpectrum], th: FlowThresholds, step: int
                                   f"({s.rank_ratio:.0%} < {th.low_rank_ratio:.0%}); condition number "
                                   f"{s.condition_number:.3g}", step))
     return out
+
+
+# -- recurrent weights (shared by JacobianExtension and the RecurrentAnalyzer) ------------------------------
+def spectral_radius(m: torch.Tensor) -> float:
+    m = m.detach().double()
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        return float("nan")
+    return float(torch.linalg.eigvals(m).abs().max())
+
+
+def candidate_block(module: nn.RNNBase, layer: int, suffix: str = "") -> torch.Tensor:
+    """The recurrent matrix of the candidate state (RNN: W_hh, LSTM: its g block, GRU: its n block);
+    suffix "_reverse" for the backward direction of a bidirectional module."""
+    w_hh = getattr(module, f"weight_hh_l{layer}{suffix}").detach()
+    H = module.hidden_size
+    if isinstance(module, nn.LSTM):
+        return w_hh[2 * H:3 * H]
+    if isinstance(module, nn.GRU):
+        return w_hh[2 * H:3 * H]
+    return w_hh
+
+
+def recurrent_weight_spectra(name: str, module: nn.RNNBase) -> list[WeightSpectrum]:
+    """The Jacobian view of a recurrent module: one spectrum per layer (and direction) of its recurrent
+    weight weight_hh_l{k}, the matrix the state goes through at every timestep (weight_ih acts on the input).
+
+    Singular values, condition number and ranks are those of the whole weight_hh (the gates stacked: (G*H, H)
+    for LSTM G=4, GRU G=3); the spectral radius is max |eig| of its candidate block (RNN: W_hh itself, LSTM:
+    the g block, GRU: the n block), the same weight radius the RecurrentAnalyzer reports. Labels: the module's
+    name for one unidirectional layer, else `name[layer k]` / `name[layer k reverse]`."""
+    out = []
+    directions = ("", "_reverse") if module.bidirectional else ("",)
+    for layer in range(module.num_layers):
+        for suffix in directions:
+            single = module.num_layers == 1 and not module.bidirectional
+            label = name if single else f"{name}[layer {layer}{' reverse' if suffix else ''}]"
+            spec = weight_spectrum(label, getattr(module, f"weight_hh_l{layer}{suffix}"))
+            if spec is not None:
+                radius = spectral_radius(candidate_block(module, layer, suffix))
+                out.append(dataclasses.replace(spec, spectral_radius=radius))
+    return out
+
+
+class JacobianExtension(Extension):
+    name = "jacobian"
+
+    def evaluate(self, run: AnalysisRun, metrics: list[FlowMetrics], th: FlowThresholds) -> ExtensionResult:
+        spectra = []
+        for layer in run.layers:
+            if isinstance(layer.module, nn.RNNBase):  # the recurrent weights, not weight_ih_l0
+                spectra.extend(recurrent_weight_spectra(layer.name, layer.module))
+            else:
+                spectra.extend(layer_spectra([layer]))
+        rows = [[s.layer, "x".join(map(str, s.shape)), s.spectral_norm, s.condition_number, s.effective_rank,
+                 s.stable_rank, s.spectral_radius] for s in spectra]
+        sec = section("Jacobian (weight spectra)", summary={"matrices": len(spectra)},
+                      tables=[table("Weight spectra", ["layer", "shape", "spectral norm", "condition number",
+                                                       "effective rank", "stable rank", "spectral radius"], rows)])
+        return ExtensionResult(jacobian_issues(spectra, th, run.history.steps[-1]), sec,
+                               {s.layer: s for s in spectra})

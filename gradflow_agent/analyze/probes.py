@@ -1,11 +1,13 @@
-"""Extra forward hooks for the offline analyzers, registered the way `gradflow_agent.hooks` registers its own.
+"""Extra forward hooks for the offline analyzers, registered through the agent's one hook mechanism.
 
-The agent's HookManager measures what a live monitor can afford. The analyzers need a few things more
-(effective ranks of layer inputs/outputs, attention maps, recurrent inputs); they get them from forward
-hooks on the same `hooks.Layer` objects the agent selected, with the same conventions: per-module
-registration with every handle kept and removed, forward re-runs inside backward (activation
-checkpointing) ignored, tensor hooks for gradients (never full backward hooks, which break with in-place
-ops), and a failing probe counted in the agent's ErrorCounter instead of raised into the run.
+The agent's HookManager measures what a live monitor can afford, including each layer's output-gradient norm
+(stats/output_grads.py). The analyzers need a few things more (effective ranks of layer inputs/outputs, input
+gradients, attention maps, recurrent inputs); they get them from forward hooks on the same `hooks.Layer`
+objects the agent selected, registered with `hooks.add_module_hook` (so deepcopy/torch.save of the model never
+carry them), every handle kept and removed, forward re-runs inside backward (activation checkpointing) ignored,
+tensor hooks for gradients (never full backward hooks, which break with in-place ops), and a failing probe
+counted in the agent's ErrorCounter instead of raised into the run. Hooks never read a value to the host: they
+reduce on the device and the analysis reads the results once after the pass.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import torch
 from torch import nn
 
 from ..errors import ErrorCounter
-from ..hooks import HandleSet, Layer, _in_backward
+from ..hooks import HandleSet, Layer, _in_backward, add_module_hook
+from ..snapshot import Snapshot
 from ..stats.kinds import CHANNELS_FIRST, first_tensor
+from ..stats.output_grads import OutputGradStats
 
 
 class Probes(HandleSet):
@@ -51,12 +55,12 @@ class Probes(HandleSet):
             guarded(*a)
             return None
 
-        self._handles.append(module.register_forward_hook(hook, with_kwargs=with_kwargs))
+        self._handles.append(add_module_hook(module, hook, with_kwargs=with_kwargs))
 
     def pre(self, module: nn.Module, fn: Callable[..., Any], *, name: str = "probe-pre",
             with_kwargs: bool = False) -> None:
         """fn(module, args) (or (module, args, kwargs)) before each forward call; may return new arguments."""
-        self._handles.append(module.register_forward_pre_hook(self._guard(name, fn), with_kwargs=with_kwargs))
+        self._handles.append(add_module_hook(module, self._guard(name, fn), pre=True, with_kwargs=with_kwargs))
 
     def on_grad(self, tensor: torch.Tensor, fn: Callable[[torch.Tensor], None], *, name: str = "probe-grad") -> None:
         """fn(gradient of `tensor`) once, during the backward pass (a tensor hook: safe with in-place ops)."""
@@ -78,7 +82,8 @@ def feature_matrix(t: torch.Tensor, channels_first: bool, max_rows: int = 1024, 
     """Rows = observations, columns = features of one layer input/output, sub-sampled to a bounded size.
 
     (N, F) as is; (N, C, ...) channels-first: channels are the features, every position an observation;
-    (N, T, D) and other layouts: the last dimension is the feature.
+    (N, T, D) and other layouts: the last dimension is the feature. Sub-sampling takes evenly strided rows and
+    columns (deterministic, and no index tensor sent to the device inside a hook); `seed` is kept for callers.
     """
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.ndim < 2 or t.numel() == 0:
         return None
@@ -88,12 +93,25 @@ def feature_matrix(t: torch.Tensor, channels_first: bool, max_rows: int = 1024, 
     x = x.reshape(-1, x.shape[-1])
     if x.shape[1] < 2:
         return None
-    g = torch.Generator().manual_seed(seed)
     if x.shape[0] > max_rows:
-        x = x[torch.randperm(x.shape[0], generator=g)[:max_rows].to(x.device)]
+        x = x[::math.ceil(x.shape[0] / max_rows)]
     if x.shape[1] > max_cols:
-        x = x[:, torch.randperm(x.shape[1], generator=g)[:max_cols].to(x.device)]
+        x = x[:, ::math.ceil(x.shape[1] / max_cols)]
     return x
+
+
+def participation_ratio_t(x: torch.Tensor) -> torch.Tensor:
+    """Effective dimensionality (sum lambda)^2 / sum lambda^2 of the covariance eigenvalues of the rows of `x`,
+    as a 0-dim tensor on x's device (no host read). sum lambda = ||X||_F^2 and sum lambda^2 = ||X^T X||_F^2 of
+    the centred X, so no SVD is needed (an SVD on CUDA synchronises with the host, and costs far more)."""
+    x = torch.nan_to_num(x.detach().double(), nan=0.0, posinf=0.0, neginf=0.0)
+    if x.ndim != 2 or x.shape[0] < 2:
+        return torch.full((), float("nan"), dtype=torch.float64, device=x.device)
+    x = x - x.mean(0, keepdim=True)
+    gram = x.T @ x if x.shape[1] <= x.shape[0] else x @ x.T
+    total = x.square().sum()
+    pr = total * total / gram.square().sum()
+    return torch.where((total > 0) & torch.isfinite(pr), pr, float("nan"))
 
 
 def participation_ratio(x: torch.Tensor | np.ndarray) -> float:
@@ -101,26 +119,21 @@ def participation_ratio(x: torch.Tensor | np.ndarray) -> float:
 
     1 when every observation lies on one line, the number of features when variance is spread evenly.
     """
-    x = torch.as_tensor(x).double()
-    if x.ndim != 2 or x.shape[0] < 2:
-        return float("nan")
-    x = x - x.mean(0, keepdim=True)
-    x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-    lam = torch.linalg.svdvals(x).square()
-    total = float(lam.sum())
-    if total <= 0 or not math.isfinite(total):
-        return float("nan")
-    return total * total / float(lam.square().sum())
+    return float(participation_ratio_t(torch.as_tensor(x)))
 
 
 class LayerFlowProbe:
     """Per layer: forward execution order, output width, effective rank of input and output, backward gain.
 
     Backward gain = ||dL/d input|| / ||dL/d output||, per backward pass, where `input` is the tensor entering
-    the layer (its gradient includes every consumer of that tensor: exact on a chain of layers).
+    the layer (its gradient includes every consumer of that tensor: exact on a chain of layers). ||dL/d output||
+    is the agent's own statistic (`output_grad_norm` of the step's snapshot, stats/output_grads.py); the input
+    side is measured by the same statistics class on the layer inputs. Ranks are reduced on the device in the
+    hook and read with the input norms once per step, after the backward pass.
     """
 
-    def __init__(self, layers: list[Layer], probes: Probes, *, measure_rank: bool = True) -> None:
+    def __init__(self, layers: list[Layer], probes: Probes, *, measure_rank: bool = True,
+                 device: torch.device | None = None) -> None:
         self.layers = layers
         self.probes = probes
         self.measure_rank = measure_rank
@@ -130,8 +143,9 @@ class LayerFlowProbe:
         self.rank_in: list[list[float]] = [[] for _ in range(L)]
         self.rank_out: list[list[float]] = [[] for _ in range(L)]
         self._log_gain: list[list[float]] = [[] for _ in range(L)]
-        self._in_norm = np.zeros(L)
-        self._out_norm = np.zeros(L)
+        self._inputs = OutputGradStats(L, device or torch.device("cpu"))  # ||dL/d input||, per layer and step
+        self._in_norm = np.full(L, np.nan)
+        self._ranks: list[tuple[list[float], torch.Tensor]] = []  # (sink, 0-dim device tensor) of this step
         self._calls = 0
         self._rank_now = False
         self._channels_first = False
@@ -140,14 +154,28 @@ class LayerFlowProbe:
 
     def begin_step(self, rank_now: bool) -> None:
         self._rank_now = rank_now and self.measure_rank
-        self._in_norm[:] = 0.0
-        self._out_norm[:] = 0.0
+        self._in_norm[:] = np.nan
 
     def end_step(self) -> None:
-        """Fold this step's backward norms into the per-layer log gains."""
+        """After backward: read this step's input-gradient norms and ranks from the device, in one transfer each."""
+        seen = self._inputs.count > 0
+        host = [t.cpu().numpy() for t in self._inputs.device_parts()]
+        norms = self._inputs.finish(host)["output_grad_norm"]
+        self._in_norm = np.where(seen, norms, np.nan)
+        if self._ranks:
+            values = torch.stack([t for _, t in self._ranks]).cpu().tolist()
+            for (sink, _), v in zip(self._ranks, values):
+                sink.append(v)
+            self._ranks = []
+
+    def add_output_norms(self, snapshot: Snapshot | None) -> None:
+        """Fold this step's gains: the input norms of end_step over the agent's output-gradient norms."""
+        if snapshot is None or "output_grad_norm" not in snapshot.stats:
+            return
+        out = np.asarray(snapshot.stats["output_grad_norm"], dtype=np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = self._in_norm / self._out_norm
-        for i in np.flatnonzero((self._in_norm > 0) & (self._out_norm > 0) & np.isfinite(ratio)):
+            ratio = self._in_norm / out
+        for i in np.flatnonzero((self._in_norm > 0) & (out > 0) & np.isfinite(ratio)):
             self._log_gain[i].append(math.log(ratio[i]))
 
     def _hook(self, layer: Layer) -> Callable[..., None]:
@@ -168,19 +196,13 @@ class LayerFlowProbe:
                 for t, sink in ((x, self.rank_in[i]), (y, self.rank_out[i])):
                     m = feature_matrix(t, cf) if t is not None else None
                     if m is not None:
-                        sink.append(participation_ratio(m))
-            if y is not None:
-                self.probes.on_grad(y, lambda g: self._add(self._out_norm, i, g))
+                        self._ranks.append((sink, participation_ratio_t(m)))
             if x is not None:
-                self.probes.on_grad(x, lambda g: self._add(self._in_norm, i, g))
+                self._inputs.watch(i, x)
             if owns or is_cf:
                 self._channels_first = is_cf
 
         return hook
-
-    @staticmethod
-    def _add(acc: np.ndarray, i: int, g: torch.Tensor) -> None:
-        acc[i] += float(torch.linalg.vector_norm(torch.nan_to_num(g.float(), nan=0.0, posinf=0.0, neginf=0.0)))
 
     # -- results -----------------------------------------------------------------------------------------
     def effective_rank_in(self) -> np.ndarray:

@@ -28,7 +28,6 @@ random unit vector u and P = sum over the batch of u . h_T (the layer's last hid
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,10 +38,15 @@ import torch
 from torch import nn
 
 from ..report.flow_report import section, series, table
-from .base import FlowIssue, FlowThresholds, IssueSeverity, IssueType, jsonable, make_issue
-from .engine import AnalysisRun, Collector, batches_from, rank_steps
-from .flow import Extension, ExtensionResult, FlowEngine
-from .jacobian import WeightSpectrum, entropy_effective_rank, weight_spectrum
+from .base import FlowIssue, FlowThresholds, IssueSeverity, IssueType, contract_call, jsonable, make_issue
+from .core import FlowEngine
+from .engine import AnalysisRun, Collector, Extension, ExtensionResult, batches_from, rank_steps
+from .jacobian import (  # noqa: F401 - recurrent_weight_spectra is re-exported (its former home)
+    candidate_block,
+    entropy_effective_rank,
+    recurrent_weight_spectra,
+    spectral_radius,
+)
 from .metrics import FlowMetrics
 
 State = Any  # a tensor, or a tuple of tensors (LSTM: (h, c)); the hidden state is its first element
@@ -122,52 +126,12 @@ def module_cell(module: nn.RNNBase, layer: int) -> tuple[StepFn, str]:
     return rnn, f"RNN_{module.nonlinearity.upper()}"
 
 
-def candidate_block(module: nn.RNNBase, layer: int, suffix: str = "") -> torch.Tensor:
-    """The recurrent matrix of the candidate state (RNN: W_hh, LSTM: its g block, GRU: its n block);
-    suffix "_reverse" for the backward direction of a bidirectional module."""
-    w_hh = getattr(module, f"weight_hh_l{layer}{suffix}").detach()
-    H = module.hidden_size
-    if isinstance(module, nn.LSTM):
-        return w_hh[2 * H:3 * H]
-    if isinstance(module, nn.GRU):
-        return w_hh[2 * H:3 * H]
-    return w_hh
-
-
-def recurrent_weight_spectra(name: str, module: nn.RNNBase) -> list[WeightSpectrum]:
-    """The Jacobian view of a recurrent module: one spectrum per layer (and direction) of its recurrent
-    weight weight_hh_l{k}, the matrix the state goes through at every timestep (weight_ih acts on the input).
-
-    Singular values, condition number and ranks are those of the whole weight_hh (the gates stacked: (G*H, H)
-    for LSTM G=4, GRU G=3); the spectral radius is max |eig| of its candidate block (RNN: W_hh itself, LSTM:
-    the g block, GRU: the n block), the same weight radius the RecurrentAnalyzer reports. Labels: the module's
-    name for one unidirectional layer, else `name[layer k]` / `name[layer k reverse]`."""
-    out = []
-    directions = ("", "_reverse") if module.bidirectional else ("",)
-    for layer in range(module.num_layers):
-        for suffix in directions:
-            single = module.num_layers == 1 and not module.bidirectional
-            label = name if single else f"{name}[layer {layer}{' reverse' if suffix else ''}]"
-            spec = weight_spectrum(label, getattr(module, f"weight_hh_l{layer}{suffix}"))
-            if spec is not None:
-                radius = spectral_radius(candidate_block(module, layer, suffix))
-                out.append(dataclasses.replace(spec, spectral_radius=radius))
-    return out
-
-
 def hidden_effective_rank(h: torch.Tensor) -> float:
     """Entropy effective rank of the centred rows of h (observations x hidden units)."""
     h = torch.nan_to_num(h.detach().double(), nan=0.0, posinf=0.0, neginf=0.0)
     if h.ndim != 2 or h.shape[0] < 2:
         return float("nan")
     return entropy_effective_rank(torch.linalg.svdvals(h - h.mean(0, keepdim=True)).cpu().numpy())
-
-
-def spectral_radius(m: torch.Tensor) -> float:
-    m = m.detach().double()
-    if m.ndim != 2 or m.shape[0] != m.shape[1]:
-        return float("nan")
-    return float(torch.linalg.eigvals(m).abs().max())
 
 
 # -- the unroll ------------------------------------------------------------------------------------------------
@@ -362,7 +326,7 @@ class RecurrentCollector(Collector):
 
     def __init__(self) -> None:
         self.captures: dict[str, list[tuple[torch.Tensor, Any]]] = {}
-        self.pressure: dict[str, list[np.ndarray]] = {}
+        self.pressure: dict[str, list[torch.Tensor]] = {}
         self.modules: dict[str, nn.RNNBase] = {}
         self.unsupported: dict[str, str] = {}
         self._capture_now = False
@@ -402,31 +366,28 @@ class RecurrentCollector(Collector):
                 per = g.double().norm(dim=-1)  # (T,) or (B, T) or (T, B)
                 if per.ndim == 2:
                     per = per.mean(dim=1 - time_dim)
-                self.pressure.setdefault(name, []).append(per.cpu().numpy())
+                self.pressure.setdefault(name, []).append(per.detach())  # on the device: read after the passes
 
             run.probes.on_grad(x, on_grad)
         return hook
 
 
 class RecurrentExtension(Extension):
+    """Gradient flow through time of every nn.RNN/LSTM/GRU; its thresholds are FlowThresholds' recurrent ones."""
+
     name = "recurrent"
 
-    def __init__(self, jacobian: bool = True, optimal_radius: float = 0.9, critical_band: float = 0.15,
-                 min_memory: int = 10, decay_warning: float = 0.1, decay_critical: float = 0.3,
-                 gate_saturation: float = 0.5, low_rank_ratio: float = 0.1) -> None:
+    def __init__(self, jacobian: bool = True) -> None:
         self.collector = RecurrentCollector()
         self.jacobian = jacobian
-        self.optimal_radius, self.critical_band = optimal_radius, critical_band
-        self.min_memory = min_memory
-        self.decay_warning, self.decay_critical = decay_warning, decay_critical
-        self.gate_saturation = gate_saturation
-        self.low_rank_ratio = low_rank_ratio
+        self.th = FlowThresholds()
 
     def collectors(self) -> list[Collector]:
         return [self.collector]
 
-    def measure(self) -> dict[str, TemporalMetrics]:
+    def measure(self, th: FlowThresholds | None = None) -> dict[str, TemporalMetrics]:
         """TemporalMetrics per recurrent layer, averaged over the captured steps."""
+        th = th or self.th
         out: dict[str, TemporalMetrics] = {}
         for name, module in self.collector.modules.items():
             caps = self.collector.captures.get(name, [])
@@ -434,11 +395,11 @@ class RecurrentExtension(Extension):
             for k, (x, hx) in enumerate(caps):  # the Jacobian (costly) on the last capture only
                 per_cap.append(unroll_module(module, x, hx, name=name, jacobian=self.jacobian and k == len(caps) - 1,
                                              seed=k,
-                                             optimal_radius=self.optimal_radius, critical_band=self.critical_band))
+                                             optimal_radius=th.optimal_radius, critical_band=th.critical_band))
             if not per_cap:
                 continue
             error = _check_unroll(module, *caps[-1])
-            pressure = self.collector.pressure.get(name, [])
+            pressure = [p.cpu().numpy() for p in self.collector.pressure.get(name, [])]  # read after the passes
             lengths = {len(p) for p in pressure}
             tp = tuple(float(v) for v in np.mean(pressure, axis=0)) if pressure and len(lengths) == 1 else ()
             for layer_idx in range(len(per_cap[0])):
@@ -447,48 +408,52 @@ class RecurrentExtension(Extension):
                                             tp if layer_idx == 0 else ())
         return out
 
-    def issues(self, metrics: dict[str, TemporalMetrics], step: int = 0) -> list[FlowIssue]:
+    def issues(self, metrics: dict[str, TemporalMetrics], step: int = 0, th: FlowThresholds | None = None
+               ) -> list[FlowIssue]:
+        th = th or self.th
+        decay_warning, decay_critical = th.temporal_decay_warning, th.temporal_decay_critical
+        min_memory, optimal_radius, critical_band = th.min_memory, th.optimal_radius, th.critical_band
         out = []
         for m in metrics.values():
             r = m.temporal_decay_rate
-            if math.isfinite(r) and abs(r) > self.decay_warning:
+            if math.isfinite(r) and abs(r) > decay_warning:
                 kind = IssueType.VANISHING_TEMPORAL if r < 0 else IssueType.EXPLODING_TEMPORAL
-                sev = IssueSeverity.HIGH if abs(r) > self.decay_critical else IssueSeverity.MEDIUM
-                out.append(make_issue(kind, sev, m.layer, r, -self.decay_warning if r < 0 else self.decay_warning,
+                sev = IssueSeverity.HIGH if abs(r) > decay_critical else IssueSeverity.MEDIUM
+                out.append(make_issue(kind, sev, m.layer, r, -decay_warning if r < 0 else decay_warning,
                                       f"the gradient through time {'decays' if r < 0 else 'grows'} by "
                                       f"{abs(r):.2f} nats per timestep ({math.exp(r):.2f}x per step)", step))
-            if not m.memory_censored and m.effective_memory_length < self.min_memory:
-                sev = IssueSeverity.HIGH if m.effective_memory_length < self.min_memory / 2 else IssueSeverity.MEDIUM
+            if not m.memory_censored and m.effective_memory_length < min_memory:
+                sev = IssueSeverity.HIGH if m.effective_memory_length < min_memory / 2 else IssueSeverity.MEDIUM
                 out.append(make_issue(IssueType.SHORT_MEMORY, sev, m.layer, m.effective_memory_length,
-                                      self.min_memory, f"inputs more than {m.effective_memory_length} timesteps "
-                                      f"back keep < 1% of the gradient (memory < {self.min_memory})", step))
+                                      min_memory, f"inputs more than {m.effective_memory_length} timesteps "
+                                      f"back keep < 1% of the gradient (memory < {min_memory})", step))
             crit = m.criticality
             if crit in ("SUBCRITICAL", "SUPERCRITICAL"):
                 low = crit == "SUBCRITICAL"
                 out.append(make_issue(IssueType.SPECTRAL_LOW if low else IssueType.SPECTRAL_HIGH,
                                       IssueSeverity.MEDIUM, m.layer, m.spectral_radius,
-                                      self.optimal_radius - self.critical_band if low else
-                                      self.optimal_radius + self.critical_band,
+                                      optimal_radius - critical_band if low else
+                                      optimal_radius + critical_band,
                                       f"spectral radius {m.spectral_radius:.2f} is {crit.lower()} (target "
-                                      f"{self.optimal_radius:g} +/- {self.critical_band:g})", step))
+                                      f"{optimal_radius:g} +/- {critical_band:g})", step))
             if m.hidden_size >= 8 and math.isfinite(m.effective_rank) and \
-                    m.effective_rank / m.hidden_size < self.low_rank_ratio:
+                    m.effective_rank / m.hidden_size < th.low_rank_ratio:
                 out.append(make_issue(IssueType.LOW_RANK, IssueSeverity.MEDIUM, m.layer,
-                                      m.effective_rank / m.hidden_size, self.low_rank_ratio,
+                                      m.effective_rank / m.hidden_size, th.low_rank_ratio,
                                       f"hidden states use {m.effective_rank:.1f} of {m.hidden_size} dimensions "
                                       "(insufficient capacity)", step))
             for gate, st in m.gate_stats.items():
-                if gate != "cell" and st["saturation"] > self.gate_saturation:
+                if gate != "cell" and st["saturation"] > th.gate_saturation:
                     out.append(make_issue(IssueType.GATE_SATURATION, IssueSeverity.MEDIUM, m.layer, st["saturation"],
-                                          self.gate_saturation, f"{st['saturation']:.0%} of the {gate} gate values "
+                                          th.gate_saturation, f"{st['saturation']:.0%} of the {gate} gate values "
                                           "are saturated (< 0.01 or > 0.99)", step, gate=gate))
         return out
 
     def evaluate(self, run: AnalysisRun, metrics: list[FlowMetrics], th: FlowThresholds) -> ExtensionResult:
-        tm = self.measure()
+        tm = self.measure(th)
         step = int(run.history.steps[-1]) if run.history is not None else 0
         dyn = RecurrentDynamics.from_layers(tm, self.collector.unsupported)
-        return ExtensionResult(self.issues(tm, step), temporal_section(tm, dyn), dyn)
+        return ExtensionResult(self.issues(tm, step, th), temporal_section(tm, dyn), dyn)
 
 
 def _average(ms: list[TemporalMetrics], error: float, pressure: tuple[float, ...]) -> TemporalMetrics:
@@ -572,34 +537,49 @@ def temporal_section(tm: dict[str, TemporalMetrics], dyn: RecurrentDynamics) -> 
 
 
 class RecurrentAnalyzer(FlowEngine):
-    """Seed 003's RNN/LSTM/GRU analyzer: `issues, dynamics = RecurrentAnalyzer(model).analyze(...)`."""
+    """RNN/LSTM/GRU analyzer. The contract (`analyze(model, inputs, ...) -> FlowReport`, the dynamics at
+    `report.result("recurrent")`), or seed 003's `issues, dynamics = RecurrentAnalyzer(model).analyze(input_fn,
+    loss_fn, steps=20)`. Its thresholds (optimal_radius, critical_band, min_memory, ...) are FlowThresholds'."""
 
     analyzer_name = "RecurrentAnalyzer"
+    default_steps = 20
 
-    def __init__(self, model: nn.Module, enable_jacobian: bool = True, enable_vector_analysis: bool = False,
-                 optimal_radius: float = 0.9, critical_band: float = 0.15, track_hidden_states: bool = True, *,
-                 min_memory: int = 10, decay_warning: float = 0.1, decay_critical: float = 0.3,
-                 gate_saturation: float = 0.5, optimizer: torch.optim.Optimizer | None = None,
-                 thresholds: FlowThresholds | None = None, **threshold_overrides: float) -> None:
+    def __init__(self, model: nn.Module | None = None, enable_jacobian: bool = True,
+                 enable_vector_analysis: bool = False, optimal_radius: float | None = None,
+                 critical_band: float | None = None, track_hidden_states: bool = True, *,
+                 min_memory: float | None = None, decay_warning: float | None = None,
+                 decay_critical: float | None = None, gate_saturation: float | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, thresholds: FlowThresholds | Any = None,
+                 **threshold_overrides: float) -> None:
         super().__init__(model, thresholds=thresholds, enable_jacobian=False,
-                         enable_vector_analysis=enable_vector_analysis, optimizer=optimizer, **threshold_overrides)
+                         enable_vector_analysis=enable_vector_analysis, optimizer=optimizer,
+                         optimal_radius=optimal_radius, critical_band=critical_band, min_memory=min_memory,
+                         temporal_decay_warning=decay_warning, temporal_decay_critical=decay_critical,
+                         gate_saturation=gate_saturation, **threshold_overrides)
         self.recurrent_jacobian = enable_jacobian
         self.track_hidden_states = track_hidden_states
-        self._ext_args = dict(optimal_radius=optimal_radius, critical_band=critical_band, min_memory=min_memory,
-                              decay_warning=decay_warning, decay_critical=decay_critical,
-                              gate_saturation=gate_saturation)
 
     def _extensions(self) -> list[Extension]:
         exts = super()._extensions()
         if self.track_hidden_states:
-            exts.append(RecurrentExtension(jacobian=self.recurrent_jacobian, **self._ext_args))
+            exts.append(RecurrentExtension(jacobian=self.recurrent_jacobian))
         return exts
 
-    def analyze(self, input_fn: Callable[[], Any], loss_fn: Callable[[Any], torch.Tensor], steps: int = 20
-                ) -> tuple[list[FlowIssue], RecurrentDynamics]:
-        report = self._run(self.model, batches_from(input_fn), loss_fn, steps)
-        dyn = self.results.get("recurrent") or RecurrentDynamics.from_layers({})
-        return report.issues, dyn
+    @property
+    def dynamics(self) -> RecurrentDynamics:
+        """The recurrent dynamics of the last analysis (empty before one)."""
+        return self.results.get("recurrent") or RecurrentDynamics.from_layers({})
+
+    def analyze(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """The contract -> FlowReport, or seed 003's `analyze(input_fn, loss_fn, steps=20) -> (issues, dynamics)`."""
+        if contract_call(args, kwargs, frozenset({"input_fn"})):
+            return super().analyze(*args, **kwargs)
+        return self._seed003(*args, **kwargs)
+
+    def _seed003(self, input_fn: Callable[[], Any], loss_fn: Callable[[Any], torch.Tensor], steps: int = 20
+                 ) -> tuple[list[FlowIssue], RecurrentDynamics]:
+        report = self._analyze(self._bind(None), batches_from(input_fn), loss_fn, steps, None)
+        return report.issues, self.dynamics
 
     def print_summary(self, issues: list[FlowIssue] | None = None, dynamics: RecurrentDynamics | None = None,
                       console: Any = None) -> None:
@@ -615,7 +595,8 @@ class RecurrentAnalyzer(FlowEngine):
                          name: str = "cell") -> TemporalMetrics:
         """Gradient flow through time of a custom cell: state = cell(x_t, state) over inputs (B, T, F)."""
         return analyze_unrolled(cell, inputs, h0, hidden_size=hidden_size, name=name, jacobian=self.recurrent_jacobian,
-                                **{k: self._ext_args[k] for k in ("optimal_radius", "critical_band")})
+                                optimal_radius=self.thresholds.optimal_radius,
+                                critical_band=self.thresholds.critical_band)
 
 
 def analyze_unrolled(cell: Callable[[torch.Tensor, State], State], inputs: torch.Tensor, h0: State | None = None, *,

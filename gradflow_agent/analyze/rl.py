@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from ..report.flow_report import section, series
-from .base import MODEL, FlowIssue, FlowThresholds, IssueSeverity, IssueType, jsonable, make_issue
-from .engine import AnalysisRun, Collector, batches_from
-from .flow import Extension, ExtensionResult, FlowEngine
+from .base import MODEL, FlowIssue, FlowThresholds, IssueSeverity, IssueType, contract_call, jsonable, make_issue
+from .core import FlowEngine
+from .engine import AnalysisRun, Collector, Extension, ExtensionResult, batches_from
 from .metrics import FlowMetrics
 
 Extracted = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
@@ -84,11 +84,19 @@ class PolicyStats:
 
 @dataclass(frozen=True)
 class PolicyThresholds:
+    """The policy view of FlowThresholds (its min_policy_entropy, min/max_action_std, max_policy_entropy,
+    entropy_collapse_drop): the names the policy measurements read."""
+
     min_entropy: float = 0.5
     min_std: float = 0.1
     max_std: float = 2.0
     max_entropy: float | None = None
     collapse_drop: float = 0.5
+
+    @classmethod
+    def of(cls, th: FlowThresholds) -> PolicyThresholds:
+        return cls(th.min_policy_entropy, th.min_action_std, th.max_action_std,
+                   th.max_policy_entropy if math.isfinite(th.max_policy_entropy) else None, th.entropy_collapse_drop)
 
 
 def collapse_risk(entropy: float, drop: float, th: PolicyThresholds) -> str:
@@ -186,15 +194,15 @@ def policy_issues(st: PolicyStats, th: PolicyThresholds, step: int = 0) -> list[
 class PolicyExtension(Extension):
     name = "policy"
 
-    def __init__(self, thresholds: PolicyThresholds, extractor: Callable[[Any], Any] | None = None) -> None:
-        self.th = thresholds
+    def __init__(self, extractor: Callable[[Any], Any] | None = None) -> None:
         self.collector = PolicyCollector(extractor)
 
     def collectors(self) -> list[Collector]:
         return [self.collector]
 
     def evaluate(self, run: AnalysisRun, metrics: list[FlowMetrics], th: FlowThresholds) -> ExtensionResult:
-        st = self.collector.stats(self.th)
+        pth = PolicyThresholds.of(th)
+        st = self.collector.stats(pth)
         step = int(run.history.steps[-1]) if run.history is not None else 0
         charts = []
         if st.entropy_history:
@@ -209,35 +217,59 @@ class PolicyExtension(Extension):
                                          "exploration adequacy": st.exploration_adequacy,
                                          "entropy drop": st.entropy_drop, "actions": st.action_count,
                                          "value mean": st.value_mean}, series=charts)
-        return ExtensionResult(policy_issues(st, self.th, step), sec, st)
+        return ExtensionResult(policy_issues(st, pth, step), sec, st)
 
 
 class RLPolicyAnalyzer(FlowEngine):
-    """Seed 003's policy analyzer: `issues, stats = RLPolicyAnalyzer(policy).analyze(..., action_extractor=f)`."""
+    """Policy analyzer. The contract (`analyze(model, inputs, ...) -> FlowReport`, the statistics at
+    `report.result("policy")`; `action_extractor` given to the constructor), or seed 003's
+    `issues, stats = RLPolicyAnalyzer(policy).analyze(input_fn, loss_fn, steps=20, action_extractor=f)`.
+    Its thresholds (min_entropy_threshold, ...) are FlowThresholds'."""
 
     analyzer_name = "RLPolicyAnalyzer"
+    default_steps = 20
 
-    def __init__(self, model: nn.Module, enable_jacobian: bool = False, enable_vector_analysis: bool = False,
-                 min_entropy_threshold: float = 0.5, min_std_threshold: float = 0.1, max_std_threshold: float = 2.0,
+    def __init__(self, model: nn.Module | None = None, enable_jacobian: bool = False,
+                 enable_vector_analysis: bool = False, min_entropy_threshold: float | None = None,
+                 min_std_threshold: float | None = None, max_std_threshold: float | None = None,
                  track_distributions: bool = True, *, max_entropy_threshold: float | None = None,
-                 collapse_drop: float = 0.5, optimizer: torch.optim.Optimizer | None = None,
-                 thresholds: FlowThresholds | None = None, **threshold_overrides: float) -> None:
+                 collapse_drop: float | None = None, action_extractor: Callable[[Any], Any] | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, thresholds: FlowThresholds | Any = None,
+                 **threshold_overrides: float) -> None:
         super().__init__(model, thresholds=thresholds, enable_jacobian=enable_jacobian,
-                         enable_vector_analysis=enable_vector_analysis, optimizer=optimizer, **threshold_overrides)
+                         enable_vector_analysis=enable_vector_analysis, optimizer=optimizer,
+                         min_policy_entropy=min_entropy_threshold, min_action_std=min_std_threshold,
+                         max_action_std=max_std_threshold, max_policy_entropy=max_entropy_threshold,
+                         entropy_collapse_drop=collapse_drop, **threshold_overrides)
         self.track_distributions = track_distributions
-        self.policy_thresholds = PolicyThresholds(min_entropy_threshold, min_std_threshold, max_std_threshold,
-                                                  max_entropy_threshold, collapse_drop)
-        self._extractor: Callable[[Any], Any] | None = None
+        self.action_extractor = action_extractor
+
+    @property
+    def policy_thresholds(self) -> PolicyThresholds:
+        return PolicyThresholds.of(self.thresholds)
 
     def _extensions(self) -> list[Extension]:
         exts = super()._extensions()
         if self.track_distributions:
-            exts.append(PolicyExtension(self.policy_thresholds, self._extractor))
+            exts.append(PolicyExtension(self.action_extractor))
         return exts
 
-    def analyze(self, input_fn: Callable[[], Any], loss_fn: Callable[[Any], torch.Tensor], steps: int = 20,
-                action_extractor: Callable[[Any], Any] | None = None) -> tuple[list[FlowIssue], PolicyStats]:
-        self._extractor = action_extractor
-        report = self._run(self.model, batches_from(input_fn), loss_fn, steps)
-        st = self.results.get("policy") or PolicyStats(float("nan"), float("nan"), float("nan"), "UNKNOWN", "UNKNOWN")
-        return report.issues, st
+    @property
+    def policy_stats(self) -> PolicyStats:
+        """The policy statistics of the last analysis (UNKNOWN ones before one)."""
+        st = self.results.get("policy")
+        return st if st is not None else PolicyStats(float("nan"), float("nan"), float("nan"), "UNKNOWN", "UNKNOWN")
+
+    def analyze(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """The contract -> FlowReport, or seed 003's `analyze(input_fn, loss_fn, steps=20, action_extractor=None)
+        -> (issues, stats)`."""
+        if contract_call(args, kwargs, frozenset({"input_fn", "action_extractor"})):
+            return super().analyze(*args, **kwargs)
+        return self._seed003(*args, **kwargs)
+
+    def _seed003(self, input_fn: Callable[[], Any], loss_fn: Callable[[Any], torch.Tensor], steps: int = 20,
+                 action_extractor: Callable[[Any], Any] | None = None) -> tuple[list[FlowIssue], PolicyStats]:
+        if action_extractor is not None:
+            self.action_extractor = action_extractor
+        report = self._analyze(self._bind(None), batches_from(input_fn), loss_fn, steps, None)
+        return report.issues, self.policy_stats

@@ -18,26 +18,32 @@ import torch
 from torch import nn
 
 from ..report.flow_report import FlowReport, section, table
-from .base import SEED004, FlowIssue, IssueType
+from .base import FlowIssue, IssueType, contract_call
+from .core import FlowEngine
 from .engine import NO_TARGET, batches_from
-from .flow import FlowEngine
 
 
 class StandardAnalyzer(FlowEngine):
-    """Seed 004's analyzer for feedforward networks (seed 004 thresholds: vanishing 0.01, exploding 100)."""
+    """Feedforward networks: adds a layer-type section. The contract (`analyze(model, inputs, *, loss_fn,
+    targets, steps=10) -> FlowReport`), or seed 004's `analyze(model, x, y, loss_fn, steps=10) -> FlowReport`."""
 
     analyzer_name = "StandardAnalyzer"
-    default_thresholds = SEED004
+    default_steps = 10
 
     def __init__(self, model: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
 
-    def analyze(self, model: nn.Module | None = None, x: Any = None, y: Any = NO_TARGET,
-                loss_fn: Callable[..., torch.Tensor] | None = None, steps: int = 10, *,
-                title: str | None = None) -> FlowReport:
-        """Analyse model(x) with loss_fn(output, y) over `steps` passes; adds a layer-type section."""
-        model = self._bind(model, loss_fn)
-        report = self._run(model, batches_from(x=x, y=y), loss_fn, steps, title)
+    def analyze(self, *args: Any, **kwargs: Any) -> FlowReport:  # type: ignore[override]
+        if contract_call(args, kwargs, frozenset({"x", "y"})):
+            return super().analyze(*args, **kwargs)
+        return self._seed004(*args, **kwargs)
+
+    def _seed004(self, model: nn.Module | None = None, x: Any = None, y: Any = NO_TARGET,
+                 loss_fn: Callable[..., torch.Tensor] | None = None, steps: int = 10, *,
+                 title: str | None = None) -> FlowReport:
+        return self._analyze(self._bind(model), batches_from(x=x, y=y), loss_fn, steps, title)
+
+    def _finish(self, report: FlowReport, model: nn.Module) -> None:
         stats = self.get_layer_type_stats()
         report.sections["layer_types"] = section(
             "Layer types", tables=[table("Statistics by layer type",
@@ -45,7 +51,7 @@ class StandardAnalyzer(FlowEngine):
                                           "mean health", "issues"],
                                          [[t, s["count"], s["mean_pressure"], s["min_pressure"], s["max_pressure"],
                                            s["mean_health"], s["issues"]] for t, s in stats.items()])])
-        return report
+        report.results["layer_types"] = stats
 
     def get_layer_type_stats(self) -> dict[str, dict[str, float]]:
         """Per layer type: count, mean/min/max pressure (over layers with gradients), mean health, issues."""

@@ -15,34 +15,44 @@ import torch
 from torch import nn
 
 from ..report.flow_report import FlowReport
-from .base import SEED004
+from .base import contract_call
+from .core import FlowEngine
 from .engine import NO_TARGET, batches_from
-from .recurrent import RecurrentAnalyzer, RecurrentDynamics, TemporalMetrics
+from .recurrent import RecurrentAnalyzer, TemporalMetrics
 
 
 class TemporalAnalyzer(RecurrentAnalyzer):
-    """Gradient flow through time; `sequence_length` cuts batch-first inputs (B, T, ...) to their first T steps."""
+    """Gradient flow through time; `sequence_length` cuts batch-first inputs (B, T, ...) to their first T steps.
+
+    The contract (`analyze(model, inputs, *, loss_fn, targets, steps=5) -> FlowReport`), or seed 004's
+    `analyze(model, seqs, targets, loss_fn, steps=5) -> FlowReport`: the same call, positionally."""
 
     analyzer_name = "TemporalAnalyzer"
-    default_thresholds = SEED004
+    default_steps = 5
 
     def __init__(self, sequence_length: int | None = None, model: nn.Module | None = None, **kwargs: Any) -> None:
-        kwargs.setdefault("thresholds", SEED004)
-        super().__init__(model, **kwargs)  # type: ignore[arg-type]
+        super().__init__(model, **kwargs)
         self.sequence_length = sequence_length
 
-    def analyze(self, model: nn.Module | None = None, seqs: Any = None, targets: Any = NO_TARGET,  # type: ignore[override]
-                loss_fn: Callable[..., torch.Tensor] | None = None, steps: int = 5, *,
-                title: str | None = None) -> FlowReport:
-        """Analyse model(seqs) with loss_fn(output, targets); returns the report (temporal section included)."""
-        model = self._bind(model, loss_fn)
-        if self.sequence_length is not None and isinstance(seqs, torch.Tensor) and seqs.ndim >= 2:
-            seqs = seqs[:, :self.sequence_length]
-        return self._run(model, batches_from(x=seqs, y=targets), loss_fn, steps, title)
+    def analyze(self, *args: Any, **kwargs: Any) -> FlowReport:  # type: ignore[override]
+        if contract_call(args, kwargs, frozenset({"seqs"})):
+            return FlowEngine.analyze(self, *args, **kwargs)
+        return self._seed004(*args, **kwargs)
 
-    @property
-    def dynamics(self) -> RecurrentDynamics:
-        return self.results.get("recurrent") or RecurrentDynamics.from_layers({})
+    def _seed004(self, model: nn.Module | None = None, seqs: Any = None, targets: Any = NO_TARGET,
+                 loss_fn: Callable[..., torch.Tensor] | None = None, steps: int = 5, *,
+                 title: str | None = None) -> FlowReport:
+        return self._analyze(self._bind(model), batches_from(x=seqs, y=targets), loss_fn, steps, title)
+
+    def _prepare(self, batch_fn: Callable[[], tuple[Any, Any]]) -> Callable[[], tuple[Any, Any]]:
+        if self.sequence_length is None:
+            return batch_fn
+        T = self.sequence_length
+
+        def cut() -> tuple[Any, Any]:
+            x, y = batch_fn()
+            return (x[:, :T] if isinstance(x, torch.Tensor) and x.ndim >= 2 else x), y
+        return cut
 
     def get_temporal_metrics(self) -> dict[str, TemporalMetrics]:
         """TemporalMetrics per recurrent layer of the last analysis."""

@@ -50,6 +50,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -57,11 +58,11 @@ import torch
 from torch import nn
 
 from ..integrations.attention import AttentionHandle, install
-from ..report.flow_report import section, table
+from ..report.flow_report import FlowReport, section, table
 from ..stats.attention import AttentionSample
-from .base import FlowIssue, FlowThresholds, IssueSeverity, IssueType, jsonable, make_issue
-from .engine import AnalysisRun, Collector, batches_from
-from .flow import Extension, ExtensionResult, FlowEngine
+from .base import FlowIssue, FlowThresholds, IssueSeverity, IssueType, contract_call, jsonable, make_issue
+from .core import FlowEngine
+from .engine import AnalysisRun, Collector, Extension, ExtensionResult, batches_from
 from .metrics import FlowMetrics
 
 log = logging.getLogger("gradflow_agent")
@@ -84,18 +85,18 @@ def _valid_rows(A: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, tor
     return n, n >= 2
 
 
-def attention_entropy(A: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
-    """Normalised entropy per head (see the module docstring)."""
+def attention_entropy_t(A: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Normalised entropy per head (see the module docstring), on A's device (no host read)."""
     A = A.double()
     n, rows = _valid_rows(A, valid)
     h = -(torch.where(A > 0, A * A.clamp_min(1e-300).log(), 0.0)).sum(-1)
     norm = torch.where(rows, h / n.clamp_min(2).log(), float("nan"))
     norm = norm.expand(A.shape[:-1])
-    return np.nanmean(norm.permute(1, 0, 2).reshape(A.shape[1], -1).cpu().numpy(), axis=1)
+    return torch.nanmean(norm.permute(1, 0, 2).reshape(A.shape[1], -1), dim=1)
 
 
-def attention_sparsity(A: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
-    """Share of valid entries below a tenth of the uniform share, per head."""
+def attention_sparsity_t(A: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Share of valid entries below a tenth of the uniform share, per head (on the device)."""
     A = A.double()
     n, rows = _valid_rows(A, valid)
     share = 0.1 / n.clamp_min(1).unsqueeze(-1)
@@ -103,47 +104,88 @@ def attention_sparsity(A: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
     counted = (valid & rows.unsqueeze(-1)).expand(A.shape)
     num = small.expand(A.shape).double().sum((0, 2, 3))
     den = counted.double().sum((0, 2, 3)).clamp_min(1)
-    return (num / den).cpu().numpy()
+    return num / den
 
 
-def attention_sink(A: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
-    """Per head: the largest mean share of attention any single key position receives."""
+def attention_sink_t(A: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per head: the largest mean share of attention any single key position receives (on the device)."""
     A = A.double()
     _, rows = _valid_rows(A, valid)
     w = rows.expand(A.shape[:-1]).double().unsqueeze(-1)
     col = (A * w).sum((0, 2)) / w.sum((0, 2)).clamp_min(1)  # (H, S)
-    return col.max(-1).values.cpu().numpy()
+    return col.max(-1).values
 
 
-def head_diversity(A: torch.Tensor, valid: torch.Tensor) -> float:
-    """1 - mean pairwise cosine of the heads' deviations from uniform attention, clipped to [0, 1]."""
-    if A.shape[1] < 2:
-        return float("nan")
+def head_diversity_t(A: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """1 - mean pairwise cosine of the heads' deviations from uniform attention, clipped to [0, 1] (a 0-dim
+    tensor on the device; NaN with fewer than two patterned heads)."""
     A = A.double()
+    nan = torch.full((), float("nan"), dtype=torch.float64, device=A.device)
+    if A.shape[1] < 2:
+        return nan
     n = valid.sum(-1, keepdim=True).double().clamp_min(1)
     U = valid.double() / n
     C = (A - U).transpose(0, 1).reshape(A.shape[1], -1)  # (H, B*L*S)
     norms = C.norm(dim=1)
-    keep = norms > 1e-6 * max(float(norms.max()), 1e-300)
-    if keep.sum() < 2:
-        return float("nan")
-    C = C[keep] / norms[keep, None]
+    keep = norms > 1e-6 * norms.max().clamp_min(1e-300)
+    C = C / norms.clamp_min(1e-300)[:, None]
     cos = C @ C.T
     iu = torch.triu_indices(len(C), len(C), 1, device=C.device)
-    return float(min(1.0, max(0.0, 1.0 - float(cos[iu[0], iu[1]].mean()))))
+    w = (keep[iu[0]] & keep[iu[1]]).double()
+    mean = (cos[iu[0], iu[1]] * w).sum() / w.sum().clamp_min(1)
+    return torch.where(w.sum() > 0, (1.0 - mean).clamp(0.0, 1.0), nan)
 
 
-def token_residual(x: torch.Tensor, token_dim: int = 1) -> float:
-    """mean over samples of ||X - mean over tokens||_F / ||X||_F for X the (tokens, features) slice of a sample."""
+def token_residual_t(x: torch.Tensor, token_dim: int = 1) -> torch.Tensor:
+    """mean over samples of ||X - mean over tokens||_F / ||X||_F for X the (tokens, features) slice of a
+    sample (a 0-dim tensor on the device; NaN when not a (batch, tokens, features) tensor)."""
     x = x.detach().double()
     if x.ndim != 3 or x.shape[token_dim] < 2:
-        return float("nan")
+        return torch.full((), float("nan"), dtype=torch.float64, device=x.device)
     if token_dim != 1:
         x = x.transpose(0, 1)
     centred = x - x.mean(1, keepdim=True)
     num = centred.flatten(1).norm(dim=1)
     den = x.flatten(1).norm(dim=1).clamp_min(1e-300)
-    return float((num / den).mean())
+    return (num / den).mean()
+
+
+def attention_entropy(A: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
+    """Normalised entropy per head (see the module docstring)."""
+    return attention_entropy_t(A, valid).cpu().numpy()
+
+
+def attention_sparsity(A: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
+    """Share of valid entries below a tenth of the uniform share, per head."""
+    return attention_sparsity_t(A, valid).cpu().numpy()
+
+
+def attention_sink(A: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
+    """Per head: the largest mean share of attention any single key position receives."""
+    return attention_sink_t(A, valid).cpu().numpy()
+
+
+def head_diversity(A: torch.Tensor, valid: torch.Tensor) -> float:
+    """1 - mean pairwise cosine of the heads' deviations from uniform attention, clipped to [0, 1]."""
+    return float(head_diversity_t(A, valid))
+
+
+def token_residual(x: torch.Tensor, token_dim: int = 1) -> float:
+    """mean over samples of ||X - mean over tokens||_F / ||X||_F for X the (tokens, features) slice of a sample."""
+    return float(token_residual_t(x, token_dim))
+
+
+def _host(values: list[torch.Tensor]) -> list[Any]:
+    """Device tensors collected during the passes, read in one transfer after them (numpy rows / floats)."""
+    if not values:
+        return []
+    flat = torch.cat([v.detach().double().reshape(-1).to(values[0].device) for v in values]).cpu().numpy()
+    out, k = [], 0
+    for v in values:
+        n = v.numel()
+        out.append(flat[k:k + n].reshape(v.shape) if v.ndim else float(flat[k]))
+        k += n
+    return out
 
 
 def rank_collapse_risk(ratio: float) -> str:
@@ -172,10 +214,11 @@ def _mha_valid(module: nn.MultiheadAttention, kwargs: dict[str, Any], A: torch.T
 
 @dataclass
 class _HeadAcc:
-    entropy: list[np.ndarray] = field(default_factory=list)
-    sparsity: list[np.ndarray] = field(default_factory=list)
-    sink: list[np.ndarray] = field(default_factory=list)
-    diversity: list[float] = field(default_factory=list)
+    # device tensors, appended inside the hooks and read once after the passes (`_host`)
+    entropy: list[torch.Tensor] = field(default_factory=list)
+    sparsity: list[torch.Tensor] = field(default_factory=list)
+    sink: list[torch.Tensor] = field(default_factory=list)
+    diversity: list[torch.Tensor] = field(default_factory=list)
     heads: int = 0
     seq: int = 0
 
@@ -297,7 +340,7 @@ class AttentionCollector(Collector):
     def __init__(self, attention_layers: list[str] | None = None) -> None:
         self.only = attention_layers
         self.acc: dict[str, _HeadAcc] = {}
-        self.qkv: dict[str, dict[str, list[float]]] = {}
+        self.qkv: dict[str, dict[str, list[torch.Tensor]]] = {}  # device norms, read after the passes
         self._qkv_params: dict[str, dict[str, tuple[torch.Tensor, slice | None]]] = {}
         self.blocks: dict[str, dict[str, Any]] = {}
         self._kwargs: dict[int, dict[str, Any]] = {}
@@ -448,10 +491,10 @@ class AttentionCollector(Collector):
     def _record(self, name: str, A: torch.Tensor, valid: torch.Tensor) -> None:
         acc = self.acc.setdefault(name, _HeadAcc())
         acc.heads, acc.seq = A.shape[1], A.shape[-1]
-        acc.entropy.append(attention_entropy(A, valid))
-        acc.sparsity.append(attention_sparsity(A, valid))
-        acc.sink.append(attention_sink(A, valid))
-        acc.diversity.append(head_diversity(A, valid))
+        acc.entropy.append(attention_entropy_t(A, valid))
+        acc.sparsity.append(attention_sparsity_t(A, valid))
+        acc.sink.append(attention_sink_t(A, valid))
+        acc.diversity.append(head_diversity_t(A, valid))
 
     def _block_hook(self, name: str, run: AnalysisRun) -> Callable[..., None]:
         info = self.blocks[name]
@@ -463,10 +506,10 @@ class AttentionCollector(Collector):
             if info["order"] is None:
                 info["order"] = len([b for b in self.blocks.values() if b["order"] is not None])
             if x is not None:
-                info["res_in"].append(token_residual(x, info["token_dim"]))
+                info["res_in"].append(token_residual_t(x, info["token_dim"]))
             if isinstance(y, torch.Tensor):
-                info["res_out"].append(token_residual(y, info["token_dim"]))
-                run.probes.on_grad(y, lambda g: info["grad"].append(float(g.double().norm())))
+                info["res_out"].append(token_residual_t(y, info["token_dim"]))
+                run.probes.on_grad(y, lambda g: info["grad"].append(torch.linalg.vector_norm(g.double())))
         return hook
 
     @staticmethod
@@ -489,25 +532,15 @@ class AttentionCollector(Collector):
                 if g is None:
                     continue
                 g = g[rows] if rows is not None else g
-                rec[key].append(float(torch.linalg.vector_norm(g.detach().double())))
-
-
-@dataclass(frozen=True)
-class TransformerThresholds:
-    min_entropy: float = 0.5
-    min_diversity: float = 0.3
-    sink: float = 0.5
-    qkv_imbalance: float = 100.0
-    residual_decay: float = 0.1
-    ffn_dead: float = 0.5
+                rec[key].append(torch.linalg.vector_norm(g.detach().double()))  # read after the passes
 
 
 class TransformerExtension(Extension):
+    """Attention, residual-stream and FFN analysis; its thresholds are FlowThresholds' attention ones."""
+
     name = "attention"
 
-    def __init__(self, thresholds: TransformerThresholds = TransformerThresholds(),
-                 attention_layers: list[str] | None = None) -> None:
-        self.th = thresholds
+    def __init__(self, attention_layers: list[str] | None = None) -> None:
         self.collector = AttentionCollector(attention_layers)
 
     def collectors(self) -> list[Collector]:
@@ -517,12 +550,14 @@ class TransformerExtension(Extension):
         c = self.collector
         layers: dict[str, AttentionLayerMetrics] = {}
         for name, acc in c.acc.items():
-            ent = np.nanmean(np.stack(acc.entropy), axis=0) if acc.entropy else np.array([])
-            q = c.qkv.get(name, {})
+            entropy = _host(acc.entropy)
+            ent = np.nanmean(np.stack(entropy), axis=0) if entropy else np.array([])
+            q = {k: _host(v) for k, v in c.qkv.get(name, {}).items()}
             layers[name] = AttentionLayerMetrics(
                 name, acc.heads, acc.seq, tuple(float(v) for v in ent), _mean(ent),
-                _mean([float(np.mean(s)) for s in acc.sparsity]), _mean([float(np.max(s)) for s in acc.sink]),
-                _mean(acc.diversity), _mean(q.get("q", [])), _mean(q.get("k", [])), _mean(q.get("v", [])))
+                _mean([float(np.mean(s)) for s in _host(acc.sparsity)]),
+                _mean([float(np.max(s)) for s in _host(acc.sink)]),
+                _mean(_host(acc.diversity)), _mean(q.get("q", [])), _mean(q.get("k", [])), _mean(q.get("v", [])))
         by_name = {m.layer: m for m in metrics}
         blocks = []
         for name, info in sorted(c.blocks.items(), key=lambda kv: (kv[1]["order"] is None, kv[1]["order"] or 0)):
@@ -543,9 +578,10 @@ class TransformerExtension(Extension):
                 comp = r_in / r_hidden if r_hidden > 0 and math.isfinite(r_in) else float("nan")
             if info["fired"] is not None:
                 dead = float(1.0 - info["fired"].double().mean())
-            blocks.append(BlockMetrics(name, info["order"] if info["order"] is not None else -1, _mean(info["res_in"]),
-                                       _mean(info["res_out"]), _mean(info["grad"]), placement, info["ffn_in"],
-                                       info["ffn_out"], comp, dead))
+            blocks.append(BlockMetrics(name, info["order"] if info["order"] is not None else -1,
+                                       _mean(_host(info["res_in"])), _mean(_host(info["res_out"])),
+                                       _mean(_host(info["grad"])), placement, info["ffn_in"], info["ffn_out"],
+                                       comp, dead))
         ratio = blocks[-1].token_residual_out / blocks[0].token_residual_in if blocks and \
             blocks[0].token_residual_in > 0 else float("nan")
         grad_ratio = blocks[0].output_grad_norm / blocks[-1].output_grad_norm if len(blocks) >= 2 and \
@@ -568,7 +604,9 @@ class TransformerExtension(Extension):
             risk_reason=reason)
 
     def issues(self, st: AttentionStats, th: FlowThresholds, step: int = 0) -> list[FlowIssue]:
-        t = self.th
+        t = SimpleNamespace(min_entropy=th.min_attention_entropy, min_diversity=th.min_head_diversity,
+                            sink=th.attention_sink, qkv_imbalance=th.qkv_imbalance, residual_decay=th.residual_decay,
+                            ffn_dead=th.ffn_dead)
         out = []
         for m in st.layers.values():
             if math.isfinite(m.entropy_mean) and m.entropy_mean < t.min_entropy:
@@ -655,43 +693,62 @@ def _mean(values: Any) -> float:
     return float(arr.mean()) if arr.size else float("nan")
 
 
+_NOT_TRACKED = dict(notice="attention was not tracked (track_attention_weights=False)",
+                    risk_reason="attention was not tracked")
+
+
 class TransformerAnalyzer(FlowEngine):
-    """Seed 003's transformer analyzer: `issues, attn_stats = TransformerAnalyzer(model).analyze(...)`."""
+    """Transformer analyzer. The contract (`analyze(model, inputs, ...) -> FlowReport`, the statistics at
+    `report.result("attention")`), or seed 003's `issues, attn_stats = TransformerAnalyzer(model).analyze(
+    input_fn, loss_fn, steps=20)`. Its thresholds (min_entropy_threshold, ...) are FlowThresholds'."""
 
     analyzer_name = "TransformerAnalyzer"
+    default_steps = 20
 
-    def __init__(self, model: nn.Module, enable_jacobian: bool = False, enable_vector_analysis: bool = False,
-                 min_entropy_threshold: float = 0.5, min_diversity_threshold: float = 0.3,
-                 track_attention_weights: bool = True, *, sink_threshold: float = 0.5,
-                 qkv_imbalance_threshold: float = 100.0, residual_decay_threshold: float = 0.1,
-                 ffn_dead_threshold: float = 0.5, attention_layers: list[str] | None = None,
-                 optimizer: torch.optim.Optimizer | None = None, thresholds: FlowThresholds | None = None,
-                 **threshold_overrides: float) -> None:
+    def __init__(self, model: nn.Module | None = None, enable_jacobian: bool = False,
+                 enable_vector_analysis: bool = False, min_entropy_threshold: float | None = None,
+                 min_diversity_threshold: float | None = None, track_attention_weights: bool = True, *,
+                 sink_threshold: float | None = None, qkv_imbalance_threshold: float | None = None,
+                 residual_decay_threshold: float | None = None, ffn_dead_threshold: float | None = None,
+                 attention_layers: list[str] | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 thresholds: FlowThresholds | Any = None, **threshold_overrides: float) -> None:
         super().__init__(model, thresholds=thresholds, enable_jacobian=enable_jacobian,
-                         enable_vector_analysis=enable_vector_analysis, optimizer=optimizer, **threshold_overrides)
+                         enable_vector_analysis=enable_vector_analysis, optimizer=optimizer,
+                         min_attention_entropy=min_entropy_threshold, min_head_diversity=min_diversity_threshold,
+                         attention_sink=sink_threshold, qkv_imbalance=qkv_imbalance_threshold,
+                         residual_decay=residual_decay_threshold, ffn_dead=ffn_dead_threshold, **threshold_overrides)
         self.track_attention_weights = track_attention_weights
         self.attention_layers = attention_layers
-        self.transformer_thresholds = TransformerThresholds(min_entropy_threshold, min_diversity_threshold,
-                                                            sink_threshold, qkv_imbalance_threshold,
-                                                            residual_decay_threshold, ffn_dead_threshold)
 
     def _extensions(self) -> list[Extension]:
         exts = super()._extensions()
         if self.track_attention_weights:
-            exts.append(TransformerExtension(self.transformer_thresholds, self.attention_layers))
+            exts.append(TransformerExtension(self.attention_layers))
         return exts
 
-    def analyze(self, input_fn: Callable[[], Any], loss_fn: Callable[[Any], torch.Tensor], steps: int = 20
-                ) -> tuple[list[FlowIssue], AttentionStats]:
-        report = self._run(self.model, batches_from(input_fn), loss_fn, steps)
-        st = self.results.get("attention") or AttentionStats(
-            float("nan"), float("nan"), float("nan"), "UNKNOWN", float("nan"), float("nan"),
-            notice="attention was not tracked (track_attention_weights=False)",
-            risk_reason="attention was not tracked")
+    @property
+    def attention_stats(self) -> AttentionStats:
+        """The attention statistics of the last analysis (UNKNOWN ones when attention was not tracked)."""
+        st = self.results.get("attention")
+        return st if st is not None else AttentionStats(float("nan"), float("nan"), float("nan"), "UNKNOWN",
+                                                        float("nan"), float("nan"), **_NOT_TRACKED)
+
+    def _finish(self, report: FlowReport, model: nn.Module) -> None:
+        st = self.attention_stats
         if st.notice:
             report.meta.setdefault("notices", []).append(st.notice)
-            log.warning("gradflow_agent: TransformerAnalyzer: %s", st.notice)
-        return report.issues, st
+            log.warning("gradflow_agent: %s: %s", self.analyzer_name, st.notice)
+
+    def analyze(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """The contract -> FlowReport, or seed 003's `analyze(input_fn, loss_fn, steps=20) -> (issues, stats)`."""
+        if contract_call(args, kwargs, frozenset({"input_fn"})):
+            return super().analyze(*args, **kwargs)
+        return self._seed003(*args, **kwargs)
+
+    def _seed003(self, input_fn: Callable[[], Any], loss_fn: Callable[[Any], torch.Tensor], steps: int = 20
+                 ) -> tuple[list[FlowIssue], AttentionStats]:
+        report = self._analyze(self._bind(None), batches_from(input_fn), loss_fn, steps, None)
+        return report.issues, self.attention_stats
 
     def print_summary(self, issues: list[FlowIssue] | None = None, attn_stats: AttentionStats | None = None,
                       console: Any = None) -> None:

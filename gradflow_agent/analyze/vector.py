@@ -30,8 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..report.flow_report import section, table
 from .base import FlowIssue, FlowThresholds, IssueSeverity, IssueType, jsonable, make_issue
-from .engine import AnalysisRun, Collector, layer_parameters
+from .engine import AnalysisRun, Collector, Extension, ExtensionResult, layer_parameters
+from .metrics import FlowMetrics
 
 
 def _unit_rows(G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -169,3 +171,25 @@ class GradientDirections(Collector):
             if rows:
                 out.append(vector_metrics(layer.name, np.stack(rows), float(div[layer.index])))
         return out
+
+
+class VectorExtension(Extension):
+    name = "vector"
+
+    def __init__(self, max_elements: int = 1 << 15) -> None:
+        self.directions = GradientDirections(max_elements)
+
+    def collectors(self) -> list[Collector]:
+        return [self.directions]
+
+    def evaluate(self, run: AnalysisRun, metrics: list[FlowMetrics], th: FlowThresholds) -> ExtensionResult:
+        vm = self.directions.metrics(run)
+        rows = [[m.layer, m.coherence, m.turning_angle_deg, m.curl, np.degrees(m.rotation_rate),
+                 np.degrees(m.total_rotation), m.plane_energy, m.divergence] for m in vm]
+        sec = section("Vector analysis", summary={"layers": len(vm)},
+                      tables=[table("Gradient directions per layer",
+                                    ["layer", "coherence", "turning deg", "curl", "rotation deg/step",
+                                     "total rotation deg", "plane energy", "divergence (nats)"], rows)],
+                      notes="coherence = mean cos of successive gradients; curl = turning consistency in the "
+                            "top-2 principal plane; divergence = ln backward gain of the layer.")
+        return ExtensionResult(vector_issues(vm, th, run.history.steps[-1]), sec, {m.layer: m for m in vm})

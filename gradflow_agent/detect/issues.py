@@ -50,3 +50,16 @@ class Issue:
 
     def __str__(self) -> str:
         return f"[{self.severity}] {self.kind} at {self.layer} (step {self.step}): {self.message}"
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: a one-row issue table (escaped: layer names may hold `<`)."""
+        from ..report.html import issues_html
+        return issues_html([self], title=f"{self.kind} at {self.layer}")
+
+
+class IssueList(list):
+    """`agent.issues()`: a plain list of Issue that a notebook shows as a table."""
+
+    def _repr_html_(self) -> str:
+        from ..report.html import issues_html
+        return issues_html(self)

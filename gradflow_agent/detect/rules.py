@@ -21,8 +21,25 @@ LABELS = {
     "activation_dead_unit_ratio": "units that never fired over the window",
     "activation_zero_ratio": "outputs exactly zero", "activation_saturation_ratio": "outputs saturated",
     "update_ratio_last": "update-to-weight ratio",
+    "attention_entropy": "normalised attention entropy", "attention_max_prob": "max attention probability",
+    "moe_load_imbalance_ratio": "expert load imbalance (max/mean excess over the largest possible)",
+    "moe_dead_expert_ratio": "experts that received no token",
 }
-_RATIOS = {"activation_dead_unit_ratio", "activation_zero_ratio", "activation_saturation_ratio"}
+_RATIOS = {"activation_dead_unit_ratio", "activation_zero_ratio", "activation_saturation_ratio",
+           "moe_dead_expert_ratio"}
+# Advice for the plug-in rules (attention, MoE); the built-in kinds' advice is in issues.py.
+PLUGIN_RECOMMENDATIONS = {
+    "attention_collapse": "Attention puts (almost) all its weight on one key: the query/key logits grew too "
+                          "large. Lower the learning rate or add warmup, normalise queries and keys (QK-norm) "
+                          "or cap the logits (softcapping), check the attention scale (1/sqrt(head_dim)) and "
+                          "weight decay on the q/k projections.",
+    "expert_imbalance": "A few experts take most of the tokens: raise the router's load-balancing loss "
+                        "(router_aux_loss_coef, output_router_logits=True in transformers), use a bias-based "
+                        "balancer, add router jitter, or lower the router's learning rate.",
+    "dead_experts": "Some experts receive no token, so they never train: add or raise the load-balancing "
+                    "loss, re-initialise the router (small weights), check router_z_loss and top_k, and "
+                    "look for a collapsed router (low gradflow_moe_router_entropy_ratio).",
+}
 
 
 def _fmt(statistic: str, value: float) -> str:
@@ -33,19 +50,23 @@ def evaluate(rule: Rule, snap: Snapshot, th) -> list[Issue]:
     """The issues of one threshold rule in a snapshot: one per layer where a condition holds."""
     out = []
     required = snap.stats[rule.requires] if rule.requires else None
+    # A snapshot or threshold set made without a statistic (one built before the plug-in statistics, the
+    # offline analyzers' thresholds) has no data for it: such a condition is never judged.
+    judged = [(c, snap.stats[c.statistic], float(getattr(th, c.threshold))) for c in rule.conditions
+              if c.statistic in snap.stats and getattr(th, c.threshold, None) is not None]
     for i in range(len(snap.layers)):
         if required is not None and np.isnan(required[i]):
             continue
-        for cond in rule.conditions:
-            value, threshold = float(snap.stats[cond.statistic][i]), float(getattr(th, cond.threshold))
+        for cond, column, threshold in judged:
+            value = float(column[i])
             if not cond.holds(value, threshold):
                 continue
             severity = "critical" if cond.critical(value, threshold) else rule.severity
             sign = ">" if cond.op == "above" else "<"
             message = (f"{LABELS.get(cond.statistic, cond.statistic)} {_fmt(cond.statistic, value)} {sign} "
                        f"{_fmt(cond.statistic, threshold)}")
-            out.append(Issue(rule.kind, snap.layers[i], severity, value, threshold, snap.step, message,
-                             RECOMMENDATIONS[rule.kind]))
+            advice = RECOMMENDATIONS.get(rule.kind) or PLUGIN_RECOMMENDATIONS.get(rule.kind, "")
+            out.append(Issue(rule.kind, snap.layers[i], severity, value, threshold, snap.step, message, advice))
             break
     return out
 

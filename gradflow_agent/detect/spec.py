@@ -96,6 +96,23 @@ RULES: tuple[Rule, ...] = (
          "warning", "10m", "the latest measured update-to-weight ratio (a learning rate that drops to zero "
          "within an interval is seen at once)",
          "Training has stalled"),
+    # Plug-in statistics (snapshot.PLUGIN_STATS), on the attention / router layers the plug-ins report; a
+    # layer with no measurement yet is NaN: never judged, and without a health score.
+    Rule("attention_collapse", "AttentionCollapse",
+         (Condition("attention_entropy", "below", "attention_collapse_entropy", critical_at=0.02),
+          Condition("attention_max_prob", "above", "attention_collapse_max_prob", critical_at=0.99)),
+         "warning", "5m", "mean over the sampled query rows of the interval's attention calls (the last "
+         "interval with a call)",
+         "Attention has collapsed"),
+    Rule("expert_imbalance", "ExpertLoadImbalance",
+         (Condition("moe_load_imbalance_ratio", "above", "expert_imbalance", critical_at=0.9),),
+         "warning", "10m", "expert loads over the latest complete routing window (the export interval, "
+         "extended to stats.moe.min_assignments_per_expert assignments per expert)",
+         "Mixture-of-experts load imbalance"),
+    Rule("dead_experts", "DeadExperts",
+         (Condition("moe_dead_expert_ratio", "above", "dead_expert_ratio", critical_at=0.5),),
+         "warning", "10m", "experts that received no token over the latest complete routing window",
+         "Dead experts"),
 )
 
 BY_KIND = {rule.kind: rule for rule in RULES}

@@ -42,4 +42,21 @@ def build_exporters(agent) -> list:
     if cfg.jsonl.enabled:
         from .jsonl import JsonlRecorder
         sinks.append(BackgroundSink(JsonlRecorder(cfg.jsonl.path, agent.constant_labels()), agent.errors, "jsonl"))
+    from .flight import FlightRecorder, wanted
+    if wanted(agent.config, agent.rank):  # post-mortem bundles; its writer thread starts at the first incident
+        agent.flight = FlightRecorder(agent)
+        sinks.append(agent.flight)
+    # tracker bridges (docs/bridges.md): each in its own thread, names bounded by its max_layers
+    if cfg.tensorboard.enabled:
+        from .tensorboard import TensorBoardSink
+        sink = TensorBoardSink(cfg.tensorboard.log_dir, cfg.tensorboard.max_layers, agent.constant_labels())
+        sinks.append(BackgroundSink(sink, agent.errors, "tensorboard"))
+    if cfg.mlflow.enabled:
+        from .mlflow import MlflowSink
+        sink = MlflowSink(cfg.mlflow, agent.constant_labels(), agent.config.run.name or "gradflow")
+        sinks.append(BackgroundSink(sink, agent.errors, "mlflow"))
+    if cfg.wandb.enabled:
+        from .wandb import WandbSink
+        sink = WandbSink(cfg.wandb, agent.constant_labels(), agent.config.run.name or "gradflow")
+        sinks.append(BackgroundSink(sink, agent.errors, "wandb"))
     return sinks

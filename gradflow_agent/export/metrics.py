@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..snapshot import Snapshot
+from .budget import Budget, bin_info, depth_profile, issue_counts, issue_extremes, named_layers
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,28 @@ RUN_METRICS = {
     "overhead_ratio": Metric("gradflow_agent_overhead_ratio", "gauge",
                              "The agent's share of the training step time (moving average).", "1"),
     "grad_scale": Metric("gradflow_grad_scale", "gauge", "The GradScaler's loss scale (AMP), when one is given."),
+    "forward_seconds": Metric("gradflow_forward_seconds", "gauge",
+                              "Mean wall time of the model's forward pass per step on this rank over the "
+                              "interval: compute no collective waits for, so a straggling rank shows here "
+                              "(TrainingStraggler).", "s"),
     "snapshot_time": Metric("gradflow_last_snapshot_timestamp_seconds", "gauge",
                             "Unix time of the latest published snapshot.", "s"),
 }
+DEPTH_PROFILE = Metric("gradflow_depth_profile", "gauge",
+                       "A statistic reduced over a contiguous bin of layers (agg: min or max, the direction its "
+                       "rule judges), over every layer whatever the series budget.",
+                       labels=("statistic", "agg", "bin"))
+DEPTH_BIN_INFO = Metric("gradflow_depth_bin_info", "info", "The layers a depth bin spans.",
+                        labels=("bin", "first_layer", "last_layer", "layers"))
+ISSUE_LAYERS = Metric("gradflow_issue_layers", "gauge",
+                      "Layers the in-process detector flags with this issue kind and severity, over every "
+                      "layer (what the per-run alerts page on).", labels=("kind", "severity"))
+ISSUE_EXTREME = Metric("gradflow_issue_extreme", "gauge",
+                       "The judged value at the first layer flagged with this kind (earliest, then shallowest) "
+                       "and at the worst one.", labels=("kind", "which", "layer"))
+LAYERS_EXPORTED = Metric("gradflow_agent_layers_exported", "gauge",
+                         "Layers exported by name within exporters.prometheus.series_budget (the depth profile "
+                         "and the issue counts cover the others).")
 DISABLED = Metric("gradflow_agent_component_disabled", "gauge",
                   "1 when a part of the agent was switched off after repeated failures (hook:<layer> for one "
                   "layer's hook).", labels=("component",))
@@ -115,28 +135,19 @@ AGENT_INFO = Metric("gradflow_agent_info", "info", "Agent version and where it r
                     labels=("version", "torch_version", "device", "grad_source", "amp_scaler"))
 
 ALL = (*LAYER_GAUGES.values(), HEALTH, ISSUE, ISSUE_VALUE, NONFINITE, LAYER_INFO, *RUN_METRICS.values(), ERRORS,
-       DISABLED, AGENT_INFO)
+       DISABLED, AGENT_INFO, DEPTH_PROFILE, DEPTH_BIN_INFO, ISSUE_LAYERS, ISSUE_EXTREME, LAYERS_EXPORTED)
+UNLIMITED = Budget()
 
 
-def samples(snap: Snapshot, info: dict[str, str]) -> Iterator[tuple[Metric, dict[str, str], float]]:
-    """Every (metric, labels, value) of a snapshot. NaN per-layer statistics mean "no data": omitted."""
-    for key, metric in LAYER_GAUGES.items():
-        for name, value in zip(snap.layers, snap.stats[key]):
-            if not math.isnan(value):
-                yield metric, {"layer": name}, float(value)
-    if snap.health is not None:
-        for name, value in zip(snap.layers, snap.health):
-            if not math.isnan(value):  # unknown is never exported as healthy
-                yield HEALTH, {"layer": name}, float(value)
-    for issue in snap.issues:
-        yield ISSUE, {"layer": issue.layer, "kind": issue.kind, "severity": issue.severity}, 1.0
-        if math.isfinite(issue.value):
-            yield ISSUE_VALUE, {"layer": issue.layer, "kind": issue.kind}, float(issue.value)
-    for tensor, counts in snap.nonfinite.items():
-        for name, value in zip(snap.layers, counts):
-            yield NONFINITE, {"layer": name, "tensor": tensor}, float(value)
-    for i, (name, type_name) in enumerate(zip(snap.layers, snap.layer_types)):
-        yield LAYER_INFO, {"layer": name, "layer_type": type_name, "index": str(i)}, 1.0
+def samples(snap: Snapshot, info: dict[str, str], budget: Budget = UNLIMITED,
+            per_layer: bool = True) -> Iterator[tuple[Metric, dict[str, str], float]]:
+    """Every (metric, labels, value) of a snapshot. NaN per-layer statistics mean "no data": omitted.
+
+    Per-layer series are exported for the layers `budget` names (export/budget.py); the depth profile
+    and the issue counts cover every layer. `per_layer=False` (a rank whose per-layer statistics another
+    rank exports) leaves out everything per layer."""
+    if per_layer:
+        yield from _layer_samples(snap, budget)
     run_values = dict(snap.counters, grad_norm=snap.grad_norm, loss=snap.loss, snapshot_time=snap.time)
     for key, metric in RUN_METRICS.items():
         value = run_values.get(key)
@@ -148,5 +159,43 @@ def samples(snap: Snapshot, info: dict[str, str]) -> Iterator[tuple[Metric, dict
         yield DISABLED, {"component": component}, 1.0
     yield AGENT_INFO, dict(info), 1.0
     for metric, labels, value in snap.extra:  # plug-in metrics (training dynamics, ...)
-        if not math.isnan(value):
+        if not math.isnan(value) and (per_layer or "layer" not in labels):
             yield metric, labels, float(value)
+
+
+def _layer_samples(snap: Snapshot, budget: Budget) -> Iterator[tuple[Metric, dict[str, str], float]]:
+    named = named_layers(snap, budget)
+    names = [snap.layers[i] for i in named]
+    for key, metric in LAYER_GAUGES.items():
+        if key in budget.skip:
+            continue
+        values = snap.stats[key]
+        for i, name in zip(named, names):
+            value = values[i]
+            if not math.isnan(value):
+                yield metric, {"layer": name}, float(value)
+    if snap.health is not None:
+        for i, name in zip(named, names):
+            value = snap.health[i]
+            if not math.isnan(value):  # unknown is never exported as healthy
+                yield HEALTH, {"layer": name}, float(value)
+    exported = set(names)
+    for issue in snap.issues:
+        if issue.layer in exported:
+            yield ISSUE, {"layer": issue.layer, "kind": issue.kind, "severity": issue.severity}, 1.0
+            if math.isfinite(issue.value):
+                yield ISSUE_VALUE, {"layer": issue.layer, "kind": issue.kind}, float(issue.value)
+    for tensor, counts in snap.nonfinite.items():
+        for i, name in zip(named, names):
+            yield NONFINITE, {"layer": name, "tensor": tensor}, float(counts[i])
+    for i, name in zip(named, names):
+        yield LAYER_INFO, {"layer": name, "layer_type": snap.layer_types[i], "index": str(i)}, 1.0
+    yield LAYERS_EXPORTED, {}, float(len(named))
+    for (kind, severity), count in issue_counts(snap).items():
+        yield ISSUE_LAYERS, {"kind": kind, "severity": severity}, float(count)
+    for kind, which, layer, value in issue_extremes(snap):
+        yield ISSUE_EXTREME, {"kind": kind, "which": which, "layer": layer}, value
+    for statistic, agg, label, value in depth_profile(snap, budget):
+        yield DEPTH_PROFILE, {"statistic": statistic, "agg": agg, "bin": label}, value
+    for labels in bin_info(snap, budget):
+        yield DEPTH_BIN_INFO, labels, 1.0

@@ -36,6 +36,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from .. import __version__
+from .budget import Budget
 from .metrics import ALL, samples
 from .worker import ABORT_MARGIN, SocketAborter, close_at_exit, closed, resolve_deadline
 
@@ -249,7 +250,7 @@ class OtelExporter:
         if cached[0] is snap:
             return cached[1]
         rows = defaultdict(list)
-        for metric, labels, value in samples(snap, self.agent.info):
+        for metric, labels, value in samples(snap, self.agent.info, Budget.for_agent(self.agent)):
             rows[metric.name].append((labels, value))
         self._cache = (snap, rows)
         return rows

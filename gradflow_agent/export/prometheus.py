@@ -1,11 +1,12 @@
 """Prometheus exporter: a private registry whose Collector yields families from the latest snapshot.
 
-Scrapes never touch the device: they read the last published Snapshot on the HTTP server's threads.
-A 1000-layer model has ~20k samples: grouping them into families and rendering the text holds the
-GIL for 0.1-0.8 s depending on the machine and the format (OpenMetrics + gzip costs most). So the
-families of a snapshot are built once, each rendering (format, gzip) is kept until the snapshot or an
-error count changes, and a repeated scrape costs a few ms; `gradflow_agent_errors_total` is built
-from the live error counter, so an error shows at the next scrape.
+Scrapes never touch the device, nor the training thread. The exposition of each published snapshot is
+rendered once, on the exporter's own render thread (text and every OpenMetrics variant asked for so
+far, each also gzipped), and a scrape serves those bytes: a scrape costs a dictionary lookup and a
+socket write, whatever the model's depth, and a second Prometheus (an HA pair) or a curl costs no
+second rendering. Only `gradflow_agent_errors_total` is built at each scrape from the live error
+counter (a few lines, appended to the cached body; gzip members concatenate), so an error shows at
+the next scrape. What is exported per layer is bounded by the series budget (budget.py).
 
 A fault while building families (a plug-in metric with bad labels, anything raising) is counted as
 `gradflow_agent_errors_total{component="prometheus_scrape"}` and logged once; the scrape still answers
@@ -44,6 +45,7 @@ from prometheus_client.exposition import (
 from prometheus_client.metrics_core import Metric as Family
 from prometheus_client.registry import Collector
 
+from .budget import Budget
 from .metrics import ERRORS, Metric, samples
 from .webconfig import WebConfig, web_config_for
 
@@ -54,6 +56,7 @@ ALL_INTERFACES = ("", "0.0.0.0", "::")
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client has to finish the TLS handshake
 REQUEST_TIMEOUT = 30.0  # seconds a connection may sit idle before its thread lets it go
 CLOSE_TIMEOUT = 5.0  # close() without a deadline
+RENDER_WAIT = 2.0  # seconds a scrape waits for the render thread to finish the latest snapshot
 
 
 # -- collection -------------------------------------------------------------------------------------------
@@ -86,12 +89,19 @@ class SnapshotCollector(Collector):
         self._cache = _cache_for(agent)
 
     def collect(self) -> Iterator[Family]:
+        yield from self.body()
+        yield from self.tail()
+
+    def body(self) -> list[Family]:
+        """The snapshot's families (everything but the live error counter), built once per snapshot."""
         try:
-            families = self._families()
+            return self._families()
         except Exception as exc:  # never a failed scrape: what could be built is served
             self.agent.errors.record(SCRAPE, exc)
-            families = []
-        yield from families
+            return []
+
+    def tail(self) -> Iterator[Family]:
+        """The live error counter, built at each scrape (cheap: one family of a few components)."""
         try:
             yield self._errors_family()
         except Exception as exc:
@@ -124,7 +134,7 @@ class SnapshotCollector(Collector):
         """Group `samples()` per metric and build each family on its own: one bad family drops only itself."""
         grouped: dict[Metric, list[tuple[dict[str, str], float]]] = defaultdict(list)
         try:
-            for metric, labels, value in samples(snap, info):
+            for metric, labels, value in samples(snap, info, Budget.for_agent(self.agent)):
                 if metric.name != ERRORS.name:  # built live at each scrape
                     grouped[metric].append((labels, value))
         except Exception as exc:  # keep the samples grouped before the fault
@@ -192,23 +202,111 @@ def snapshot_registry(agent: Any) -> CollectorRegistry:
 
 
 # -- serving ----------------------------------------------------------------------------------------------
-class _MetricsApp:
-    """make_wsgi_app's /metrics, with each (format, gzip) rendering kept until the snapshot or an error count
-    changes: a second Prometheus (an HA pair) or a curl costs no second rendering under the GIL.
+class _Adapter(Collector):
+    """A registry view of one part of a SnapshotCollector (its body or its live tail)."""
 
+    def __init__(self, part: Callable[[], Iterable[Family]]) -> None:
+        self.part = part
+
+    def collect(self) -> Iterable[Family]:
+        return self.part()
+
+
+_EOF = b"# EOF\n"
+#: What Prometheus 2.x sends: its OpenMetrics rendering is made ahead like the plain text one.
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+                     "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+
+
+class _Rendering:
+    """One snapshot's body in one format: plain and gzipped (OpenMetrics without its `# EOF`)."""
+
+    def __init__(self, snap: Any, plain: bytes) -> None:
+        self.snap = snap
+        self.plain = plain
+        self.gzipped = gzip.compress(plain, compresslevel=6)
+
+
+class _MetricsApp:
+    """/metrics from bytes rendered once per snapshot on the render thread (see the module docstring).
+
+    A scrape looks up the rendering of its content type and appends the live error counter. Until the
+    render thread has rendered a new snapshot, scrapes get the previous one (consistent, one interval
+    old at most); only the very first scrape of a new content type renders on the server's thread.
     Anything but a plain GET (OPTIONS, POST, `name[]` filters, /favicon.ico) goes to the stock app.
     """
 
-    MAX_RENDERINGS = 8  # formats differ by Accept header; a few are ever used
+    MAX_FORMATS = 8  # formats differ by Accept header; a few are ever used
 
     def __init__(self, registry: CollectorRegistry, collector: SnapshotCollector) -> None:
         self.registry = registry
         self.collector = collector
         self.stock = make_wsgi_app(registry)
+        self.body = CollectorRegistry(auto_describe=False)
+        self.body.register(_Adapter(collector.body))
+        self.tail = CollectorRegistry(auto_describe=False)
+        self.tail.register(_Adapter(collector.tail))
         self._lock = threading.Lock()
-        self._state: tuple | None = None
-        self._renderings: dict[tuple[str, bool], tuple[list[tuple[str, str]], bytes]] = {}
+        self._rendered = threading.Condition(self._lock)  # notified after each rendering
+        self._renderings: dict[str, _Rendering] = {}
+        self._encoders: dict[str, Callable] = {}
+        for accept in (None, PROMETHEUS_ACCEPT):  # rendered ahead from the first snapshot on
+            encoder, content_type = choose_encoder(accept)
+            self._encoders[content_type] = encoder
+        self.renders = 0  # renderings made (a test reads it: one per snapshot and format)
+        self._wake = threading.Event()
+        self._stop = False
+        self.thread = threading.Thread(target=self._loop, name="gradflow-prometheus-render", daemon=True)
+        self.thread.start()
 
+    # -- the render thread ------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """A new snapshot was published: render it on the render thread (called on the training thread)."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop:
+                return
+            with self._lock:
+                formats = dict(self._encoders)
+            for content_type, encoder in formats.items():
+                try:
+                    self._render(content_type, encoder)
+                except Exception as exc:
+                    self.collector.agent.errors.record(SCRAPE, exc)
+
+    def _render(self, content_type: str, encoder: Callable) -> _Rendering:
+        snap = self.collector.agent.latest
+        plain = encoder(self.body)
+        if plain.endswith(_EOF):
+            plain = plain[: -len(_EOF)]
+        rendering = _Rendering(snap, plain)
+        with self._rendered:
+            self._renderings[content_type] = rendering
+            self.renders += 1
+            self._rendered.notify_all()
+        return rendering
+
+    def _wait_for(self, content_type: str, snap: Any) -> _Rendering | None:
+        """The render thread is rendering a newer snapshot: wait for it a moment (a scrape right after a
+        snapshot gets that snapshot), then settle for the previous one."""
+        deadline = time.monotonic() + RENDER_WAIT
+        with self._rendered:
+            while time.monotonic() < deadline:
+                rendering = self._renderings.get(content_type)
+                if rendering is not None and rendering.snap is snap:
+                    return rendering
+                self._rendered.wait(timeout=max(0.0, deadline - time.monotonic()))
+        return None
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+
+    # -- a scrape ---------------------------------------------------------------------------------------
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         if environ.get("REQUEST_METHOD") != "GET" or environ.get("PATH_INFO") == "/favicon.ico" \
                 or "name[]" in parse_qs(environ.get("QUERY_STRING", "")):
@@ -216,22 +314,23 @@ class _MetricsApp:
         encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT"))
         compress = gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING"))
         with self._lock:
-            state = self.collector.state()
-            if self._state is None or self._state[0] is not state[0] or self._state[1] != state[1]:
-                self._state, self._renderings = state, {}
-            rendering = self._renderings.get((content_type, compress))
-            if rendering is None:
-                output = encoder(self.registry)
-                headers = [("Content-Type", content_type)]
-                if compress:
-                    output = gzip.compress(output, compresslevel=6)
-                    headers.append(("Content-Encoding", "gzip"))
-                rendering = (headers, output)
-                if len(self._renderings) < self.MAX_RENDERINGS:
-                    self._renderings[(content_type, compress)] = rendering
-        headers, output = rendering
-        start_response("200 OK", [*headers, ("Content-Length", str(len(output)))])
-        return [output]
+            rendering = self._renderings.get(content_type)
+            if content_type not in self._encoders and len(self._encoders) < self.MAX_FORMATS:
+                self._encoders[content_type] = encoder  # rendered ahead for every later snapshot
+        latest = self.collector.agent.latest
+        if rendering is not None and rendering.snap is not latest:
+            rendering = self._wait_for(content_type, latest) or rendering
+        if rendering is None or (rendering.snap is None and latest is not None):
+            rendering = self._render(content_type, encoder)
+        tail = encoder(self.tail)
+        headers = [("Content-Type", content_type)]
+        if compress:
+            output = [rendering.gzipped, gzip.compress(tail, compresslevel=1)]
+            headers.append(("Content-Encoding", "gzip"))
+        else:
+            output = [rendering.plain, tail]
+        start_response("200 OK", [*headers, ("Content-Length", str(sum(map(len, output))))])
+        return output
 
 
 def _contained(app: Callable, errors: Any) -> Callable:
@@ -328,17 +427,15 @@ class PrometheusExporter:
         self.collector = SnapshotCollector(agent)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
-        app = _contained(_MetricsApp(self.registry, self.collector), agent.errors)
+        self.app = _MetricsApp(self.registry, self.collector)
+        app = _contained(self.app, agent.errors)
         app = web.wsgi(app) if web is not None else app
         port = cfg.port + agent.local_rank if cfg.port else 0
         try:
-            self.server = _serve(cfg.addr, port, app, web)
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE or port == 0:
-                raise
-            log.error("gradflow_agent: exporters.prometheus.port %d on %s is in use; serving /metrics on a "
-                      "free port instead (see agent.prometheus_url)", port, cfg.addr)
-            self.server = _serve(cfg.addr, 0, app, web)
+            self.server = self._bind(cfg.addr, port, app, web)
+        except BaseException:
+            self.app.close()  # the render thread ends with the failed start
+            raise
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.25},
                                        name="gradflow-prometheus", daemon=True)
         self.thread.start()
@@ -354,14 +451,27 @@ class PrometheusExporter:
             log.info("gradflow_agent: metrics at %s on all interfaces; restrict: exporters.prometheus.addr: "
                      "127.0.0.1, secure: web_config_file", self.url)
 
+    @staticmethod
+    def _bind(addr: str, port: int, app: Callable, web: WebConfig | None) -> _Server:
+        try:
+            return _serve(addr, port, app, web)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or port == 0:
+                raise
+            log.error("gradflow_agent: exporters.prometheus.port %d on %s is in use; serving /metrics on a "
+                      "free port instead (see agent.prometheus_url)", port, addr)
+            return _serve(addr, 0, app, web)
+
     def publish(self, snap: Any) -> None:
-        """Nothing to do: the collector reads the agent's latest snapshot at scrape time."""
+        """Wake the render thread: the snapshot is rendered there, never on the training thread."""
+        self.app.refresh()
 
     def close(self, deadline: float | None = None) -> None:
         """Stop serving by `deadline` (a time.monotonic() value; default 5 s from now), whatever the clients do."""
         if self._closed:
             return
         self._closed = True
+        self.app.close()
         if deadline is None:
             deadline = time.monotonic() + CLOSE_TIMEOUT
         stopper = threading.Thread(target=self.server.shutdown, name="gradflow-prometheus-stop", daemon=True)

@@ -526,8 +526,12 @@ class AttentionPlugin:
                  registry: bool | None = None, sdpa: bool = True, modules: Iterable[str] | None = None,
                  compiled: bool = True) -> None:
         sample = sample if sample is not None else AttentionSample()
-        self.stats = AttentionStats([], model_device(getattr(model, "_orig_mod", model)), sample=sample)
+        base = getattr(model, "_orig_mod", model)
+        self.stats = AttentionStats([], model_device(base), sample=sample)
         self._agent: Any = None
+        self._types = {(n or "(root)"): type(m).__name__ for n, m in base.named_modules()}
+        self._declared = attention_modules(base, modules)
+        self._values: dict[str, Any] = {}
         self.handle = install(model, self.stats, registry=registry, sdpa=sdpa, modules=modules, sample=sample,
                               active=self._active, compiled=compiled)
 
@@ -543,7 +547,7 @@ class AttentionPlugin:
     def collect(self) -> list[tuple[Metric, dict[str, str], float]]:
         from ..stats.engine import transfer
         host = transfer([self.stats.device_parts()], self.stats.device)[0]
-        values = self.stats.finish(host)
+        values = self._values = self.stats.finish(host)
         rows = []
         for key, metric in METRICS.items():
             for layer, v in zip(self.stats.layers, values[key]):
@@ -551,9 +555,33 @@ class AttentionPlugin:
                     rows.append((metric, {"layer": layer}, float(v)))
         return rows
 
+    @property
+    def layers(self) -> tuple[tuple[str, str], ...]:
+        """(name, type) of the attention layers, for the snapshot: the modules declared at construction
+        (`attention_modules`), then any other module whose attention was observed, in order of first call."""
+        names = dict.fromkeys([*self._declared, *self.stats.layers])
+        return tuple((n, self._types.get(n, "Attention")) for n in names)
+
+    def layer_statistics(self) -> dict[str, dict[str, float]]:
+        """statistic (stats/attention.py KEYS) -> {layer: value} of the last `collect()`, for the rule
+        table (attention_collapse); a layer never observed is left out (unknown, never judged)."""
+        return {key: {layer: float(v) for layer, v in zip(self.stats.layers, values) if math.isfinite(v)}
+                for key, values in self._values.items()}
+
     def close(self) -> None:
         self.handle.remove()
 
 
-__all__ = ["AttentionHandle", "AttentionPlugin", "AttentionSample", "AttentionStats", "METRICS", "install",
-           "observe_sdpa", "record_attention", "wrap_attention_function"]
+def attention_modules(model: nn.Module, modules: Iterable[str] | None = None) -> list[str]:
+    """Names of the modules that are attention layers before any call is seen: `modules` when given, else
+    the innermost modules whose class name ends in "Attention" (LlamaAttention, GPT2Attention,
+    BertSelfAttention, nn.MultiheadAttention, most hand-written ones; BertAttention, which holds
+    BertSelfAttention, is not one). Declaring them up front keeps the snapshot's layer list fixed from attach."""
+    if modules is not None:
+        return list(modules)
+    found = [n for n, m in model.named_modules() if n and type(m).__name__.endswith("Attention")]
+    return [n for n in found if not any(o.startswith(n + ".") for o in found)]
+
+
+__all__ = ["AttentionHandle", "AttentionPlugin", "AttentionSample", "AttentionStats", "METRICS", "attention_modules",
+           "install", "observe_sdpa", "record_attention", "wrap_attention_function"]

@@ -17,7 +17,8 @@ FORMATS = ("html", "json", "text")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gradflow-agent report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("snapshots", help="JSONL flight record written by the agent's jsonl exporter")
+    p.add_argument("snapshots", help="JSONL flight record written by the agent's jsonl exporter, or a "
+                                     "flight-recorder bundle (text on stdout unless -o/--format)")
     p.add_argument("-o", "--output", help="output file (default: SNAPSHOTS with the format's suffix)")
     p.add_argument("--format", choices=FORMATS, help="output format (default: from the output suffix, else html)")
     p.add_argument("--config", help="agent config (YAML) whose `thresholds:` section the detectors use")
@@ -55,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         src = Path(args.snapshots)
         if not src.is_file():
             raise FileNotFoundError(f"{src}: no such file")
+        from ..export.flight import is_bundle
+        if is_bundle(src):  # a flight-recorder bundle (export/flight.py): text on stdout by default
+            from .bundle import main as bundle_main
+            return bundle_main(args, src, _thresholds)
         records, skipped = scan_snapshots(src)  # a torn last line (a killed run) is skipped, not fatal
         if skipped and not args.quiet:
             print(f"gradflow-agent report: warning: {describe_skipped(src, skipped)}", file=sys.stderr)

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..analyze.base import FlowIssue, IssueSeverity, jsonable
-from ..analyze.health import LayerHealth
-from ..analyze.metrics import FlowMetrics
+import numpy as np
+
+from ..analyze.base import FlowIssue, FlowThresholds, IssueSeverity, jsonable, sort_issues
+from ..analyze.detectors import depth_issues, depth_profile, recorded_issues, scalar_issues
+from ..analyze.health import DEFAULT_POLICY, HealthPolicy, LayerHealth, layer_health, overall_health
+from ..analyze.history import History
+from ..analyze.metrics import FlowMetrics, compute_metrics
+from .html import layer_stats
 
 SCHEMA = "gradflow-flow-report/1"
 
@@ -55,6 +61,16 @@ class FlowReport:
     history: dict[str, list[Any]] = field(default_factory=dict)
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    #: The analyzers' typed results (RecurrentDynamics, AttentionStats, PolicyStats, DepthProfile, ...) by
+    #: section name; `sections` holds their rendered form. Saved as plain data (to_dict), loaded back as dicts.
+    results: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def result(self, name: str, kind: type | None = None) -> Any:
+        """The typed result `name` of the analysis (None when that analysis did not run); `kind` checks its type."""
+        value = self.results.get(name)
+        if value is not None and kind is not None and not isinstance(value, kind):
+            raise TypeError(f"result {name!r} is a {type(value).__name__}, not a {kind.__name__}")
+        return value
 
     # -- queries -------------------------------------------------------------------------------------------
     def get_layer(self, name: str) -> FlowMetrics:
@@ -105,13 +121,19 @@ class FlowReport:
         from .console import ConsoleReporter
         ConsoleReporter(console).print_layers(self, max_rows=max_rows)
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view of the report: the HTML report as one scoped, escaped fragment."""
+        from .html import report_fragment
+        return report_fragment(self)
+
     # -- export --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "title": self.title, "overall_score": jsonable(self.overall_score),
                 "overall_status": self.overall_status, "layers": [m.to_dict() for m in self.layers],
                 "health": {k: h.to_dict() for k, h in self.health.items()},
                 "issues": [i.to_dict() for i in self.issues], "history": jsonable(self.history),
-                "sections": jsonable(self.sections), "meta": jsonable(self.meta)}
+                "sections": jsonable(self.sections), "meta": jsonable(self.meta),
+                "results": jsonable({k: v for k, v in self.results.items() if v is not None})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FlowReport:
@@ -122,7 +144,7 @@ class FlowReport:
                    issues=[FlowIssue.from_dict(i) for i in d["issues"]],
                    overall_score=float("nan") if d.get("overall_score") is None else float(d["overall_score"]),
                    overall_status=d["overall_status"], history=d.get("history", {}),
-                   sections=d.get("sections", {}), meta=d.get("meta", {}))
+                   sections=d.get("sections", {}), meta=d.get("meta", {}), results=d.get("results", {}))
 
     def save_json(self, path: str | Path) -> Path:
         path = Path(path)
@@ -142,11 +164,11 @@ class FlowReport:
         path.write_text(HTMLReportGenerator().generate(self), encoding="utf-8")
         return path
 
-    def to_text(self, width: int = 120) -> str:
+    def to_text(self, width: int = 80) -> str:
         from .console import ConsoleReporter
         return ConsoleReporter.format_report(self, width=width)
 
-    def save_text(self, path: str | Path, width: int = 120) -> Path:
+    def save_text(self, path: str | Path, width: int = 80) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_text(width), encoding="utf-8")
@@ -154,11 +176,51 @@ class FlowReport:
 
     # -- from a recorded run ---------------------------------------------------------------------------------
     @classmethod
+    def from_history(cls, history: History, *, thresholds: FlowThresholds | None = None, title: str = "",
+                     policy: HealthPolicy = DEFAULT_POLICY, meta: dict[str, Any] | None = None,
+                     recorded: list[FlowIssue] | None = None) -> FlowReport:
+        """A report of a History of snapshots. `recorded`: the agent's issues of the run (a recording: shown as
+        recorded, never recomputed from whole-run averages); without them the scalar detectors run on the
+        history's aggregates. Depth structure is added either way (only a whole-run view shows it)."""
+        th = thresholds or FlowThresholds()
+        agg = history.aggregate()
+        metrics = compute_metrics(history, agg)
+        step = int(history.steps[-1])
+        profile = depth_profile(metrics)
+        found = list(recorded) if recorded is not None else scalar_issues(agg, th)
+        issues = sort_issues(found + depth_issues(profile, th, step), {m.layer: m.depth for m in metrics})
+        health = {m.layer: layer_health(m.layer, m.mean_pressure, m.turbulence, issues, policy) for m in metrics}
+        score, status = overall_health(health.values(), [i for i in issues if i.layer not in health], policy)
+        sections: dict[str, Any] = {}
+        if profile is not None:
+            sections["depth"] = section(
+                "Depth profile", summary={"total decay (decades)": profile.total_decay,
+                                          "residual std (decades)": profile.residual_std},
+                series=[series("log10 pressure by layer", list(range(len(profile.layers))),
+                               {"log10 pressure": list(profile.log10_pressure)}, xlabel="parametric layer",
+                               ylabel="log10 pressure", labels=list(profile.layers))])
+        hist: dict[str, Any] = {"steps": history.steps.tolist(), "loss": history.loss.tolist(),
+                                "grad_norm": history.grad_norm.tolist()}
+        if history.health is not None:  # the agent's own exported score: its worst layer per record
+            h = np.where(np.isfinite(history.health), history.health, np.inf).min(axis=1)
+            hist["agent_health_min"] = np.where(np.isfinite(h), h, np.nan).tolist()
+        hist["layer_stats"] = layer_stats(history.stats)  # the report's layer x step heatmaps
+        return cls(title=title or "Recorded run", layers=metrics, health=health, issues=issues,
+                   overall_score=score, overall_status=status.value, history=hist, sections=sections,
+                   meta={"analyzer": "recorded run", "records": len(history), "steps": step,
+                         "thresholds": th.to_dict(), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                         **(meta or {})},
+                   results={"depth_profile": profile})
+
+    @classmethod
     def from_records(cls, records: Sequence[dict[str, Any]], *, thresholds: Any = None,
                      title: str | None = None) -> FlowReport:
-        """A report of a recorded run: the JSONL flight record's `Snapshot.to_dict()` records."""
-        from ..analyze.offline import report_from_records
-        return report_from_records(records, thresholds=thresholds, title=title)
+        """A report of a recorded run: the JSONL flight record's `Snapshot.to_dict()` records, with the issues
+        the agent recorded."""
+        history = History.from_records(records)
+        labels = records[-1].get("labels", {}) if records else {}
+        return cls.from_history(history, thresholds=thresholds, title=title or "Recorded run",
+                                meta={"labels": labels}, recorded=recorded_issues(records))
 
     @classmethod
     def from_jsonl(cls, path: str | Path, *, thresholds: Any = None, title: str | None = None) -> FlowReport:

@@ -31,12 +31,32 @@ from .kinds import OutputKind
 COLS = ("sum", "view_sum", "view_sumsq", "view_nonzero", "view_saturated", "nonfinite", "view_nonfinite")
 N_COLS = len(COLS)
 _WIDE = (torch.float16, torch.bfloat16)
+_NUMPY = (torch.float32, torch.float64)
 
 
 def _nonzero(v: torch.Tensor) -> torch.Tensor:
     """Non-zero elements of a finite tensor. `count_nonzero` branches per element and slows down ~6x on
     outputs that are half zeros (ReLU, 64K elements: ~300 us vs ~30 us; bench/reductions.py)."""
     return torch.sign(v).abs_().sum(dtype=torch.float64)
+
+
+def _columns(v: torch.Tensor) -> torch.Tensor:
+    """COLS sums from `_reduce_masked` values (rows of calls, or one call): the view's norm squared, and
+    the non-finite elements of the view counted as non-zero (they were replaced by 0). Per step, not
+    per call: two ops over all the calls of the step."""
+    sq = v[..., 2:3].square()
+    nonzero = v[..., 3:4] + v[..., 6:7]
+    return torch.cat([v[..., :2], sq, nonzero, v[..., 4:N_COLS]], dim=-1)
+
+
+def _as_numpy(y: torch.Tensor) -> np.ndarray | None:
+    """The float32/float64 CPU tensor `y` (detached) as a numpy array on the same memory, else None."""
+    if y.dtype not in _NUMPY or type(y) is not torch.Tensor or y.device.type != "cpu":
+        return None
+    try:
+        return y.numpy()
+    except (RuntimeError, TypeError):  # negative-bit or otherwise unusual views
+        return None
 
 
 def strided_view(y: torch.Tensor, limit: int, keep: set[int]) -> torch.Tensor:
@@ -118,20 +138,13 @@ class ActivationStats:
         n = y.numel()
         counts = self._counts[i]
         if self.on_host and not self.robust:
-            wide = y.dtype in _WIDE
-            total = (torch.sum(y, dtype=torch.float32) if wide else torch.sum(y)).item()
-            if math.isfinite(total):
-                vals = self._reduce_plain(y, None if view is y else view, kind, wide, total)
-            else:
-                vals = [v.item() for v in self._reduce_masked(y, view, kind)]
-            self._add_host(i, *vals)
+            vals = self._reduce_plain(y, None if view is y else view, kind)
+            self._add_host(i, *(self._masked_on_host(y, view, kind) if vals is None else vals))
+        elif self.on_host:
+            self._add_host(i, *self._masked_on_host(y, view, kind))
         else:
-            vals = self._reduce_masked(y, view, kind)
-            if self.on_host:
-                self._add_host(i, *(v.item() for v in vals))
-            else:
-                self._pending.extend(vals)
-                self._pending_idx.append(i)
+            self._pending.extend(self._reduce_masked(y, view, kind))
+            self._pending_idx.append(i)
         vn = view.numel()
         counts[0] += n
         counts[1] += vn
@@ -152,9 +165,9 @@ class ActivationStats:
             return
         y, view, unit_reduce, kind = prepared
         n = y.numel()
-        vals = self._reduce_masked(y, view, kind)
-        self.acc[i] += torch.stack([v.to(torch.float64) for v in vals[:N_COLS]])
-        self.absmax[i] = torch.maximum(self.absmax[i], torch.maximum(-vals[N_COLS], vals[N_COLS + 1]).float())
+        v = torch.stack([t.to(torch.float64) for t in self._reduce_masked(y, view, kind)])
+        self.acc[i] += _columns(v)
+        self.absmax[i] = torch.maximum(self.absmax[i], torch.maximum(-v[N_COLS], v[N_COLS + 1]).float())
         vn = view.numel()
         den = (vn // max(view.shape[kind.softmax_dim], 1) if kind.softmax_dim is not None else vn) \
             if kind.bounded else 0
@@ -189,37 +202,73 @@ class ActivationStats:
         self._plans[i] = (y.ndim, keep, reduce_dims, kind)
         return self._plans[i]
 
-    def _reduce_plain(self, y: torch.Tensor, view: torch.Tensor | None, kind: OutputKind, wide: bool,
-                      total: float) -> list[float]:
-        """CPU fast path (no non-finite value anywhere): plain reductions of the view, read back.
+    def _reduce_plain(self, y: torch.Tensor, view: torch.Tensor | None, kind: OutputKind) -> list[float] | None:
+        """CPU fast path: plain reductions read back (a read-back is a memory load there); None when the
+        sum is not finite (a NaN/Inf somewhere, or an overflow: the caller runs the masked reductions).
 
-        `view` None means the output is small enough to be its own view: its sum is already known."""
+        float32/float64 outputs are reduced by numpy on the same memory: the same sums in a quarter of the
+        per-call cost of torch's dispatch (and no branchy zero count). `view` None: the output is small
+        enough to be its own view, so its sum is already known."""
+        a = _as_numpy(y)
+        if a is None:  # half precision, a tensor subclass, a negative-bit view: torch, as before
+            wide = y.dtype in _WIDE
+            total = (torch.sum(y, dtype=torch.float32) if wide else torch.sum(y)).item()
+            if not math.isfinite(total):
+                return None
+            if view is None:
+                vsum, view = total, y
+            else:
+                vsum = (torch.sum(view, dtype=torch.float32) if wide else torch.sum(view)).item()
+            norm = (torch.linalg.vector_norm(view, dtype=torch.float32) if wide else
+                    torch.linalg.vector_norm(view)).item()
+            mn, mx = torch.aminmax(view)
+            nonzero = _nonzero(view).item() if kind.has_zeros else view.numel()
+            sat = self._saturated(kind, view).item() if kind.bounded else 0
+            return [total, vsum, norm * norm, nonzero, sat, 0, 0, mn.item(), mx.item()]
+        total = float(a.sum())
+        if not math.isfinite(total):  # a finite sum means every element is finite
+            return None
         if view is None:
-            vsum = total
-            view = y
+            vsum, v = total, a
         else:
-            vsum = (torch.sum(view, dtype=torch.float32) if wide else torch.sum(view)).item()
-        norm = (torch.linalg.vector_norm(view, dtype=torch.float32) if wide else
-                torch.linalg.vector_norm(view)).item()
-        mn, mx = torch.aminmax(view)
-        nonzero = _nonzero(view).item() if kind.has_zeros else view.numel()
-        sat = self._saturated(kind, view).item() if kind.bounded else 0
-        return [total, vsum, norm * norm, nonzero, sat, 0, 0, mn.item(), mx.item()]
+            v = view.numpy()  # a contiguous copy made by strided_view
+            vsum = float(v.sum())
+        flat = v.reshape(-1)
+        sumsq = float(np.dot(flat, flat))
+        nonzero = int(np.count_nonzero(v != 0)) if kind.has_zeros else v.size  # a bool count: the fast one
+        sat = self._saturated(kind, view if view is not None else y).item() if kind.bounded else 0
+        return [total, vsum, sumsq, nonzero, sat, 0, 0, float(v.min()), float(v.max())]
 
     def _reduce_masked(self, y: torch.Tensor, view: torch.Tensor, kind: OutputKind) -> list[torch.Tensor]:
-        """Reductions over the finite part; non-finite elements counted over the whole output."""
+        """Reductions over the finite part as 0-d device tensors; non-finite elements counted over the whole
+        output. Six ops for an output that is its own view (seven with zeros): non-finite elements are
+        replaced by 0 in one `nan_to_num` and counted where it changed the value; the view's norm and its
+        zero count are turned into the COLS sums once per step for all calls (`_columns`)."""
         acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-        finite = torch.isfinite(y)
-        nonfinite = y.numel() - finite.sum()
-        total = torch.sum(torch.where(finite, y, 0), dtype=acc)
-        vfinite = finite if view is y else torch.isfinite(view)
-        vc = torch.where(vfinite, view, 0)
-        view_nonfinite = view.numel() - vfinite.sum()
+        yc = torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0)
+        nonfinite = (yc != y).sum()  # NaN != 0 and +-Inf != 0: exactly the replaced elements
+        total = torch.sum(yc, dtype=acc)
+        if view is y:
+            vc, vsum, view_nonfinite = yc, total, nonfinite
+        else:
+            vc = torch.nan_to_num(view, nan=0.0, posinf=0.0, neginf=0.0)
+            view_nonfinite = (vc != view).sum()
+            vsum = torch.sum(vc, dtype=acc)
         mn, mx = torch.aminmax(vc)
-        nonzero = (_nonzero(vc) + view_nonfinite if kind.has_zeros else self._zero + view.numel())
+        if kind.has_zeros:  # count_nonzero branches per element on the CPU (bench/reductions.py)
+            nonzero = _nonzero(vc) if vc.device.type == "cpu" else torch.count_nonzero(vc)
+        else:
+            nonzero = self._zero
         sat = self._saturated(kind, view) if kind.bounded else self._zero
-        return [total, torch.sum(vc, dtype=acc), torch.linalg.vector_norm(vc, dtype=acc).square(), nonzero, sat,
-                nonfinite, view_nonfinite, mn, mx]
+        return [total, vsum, torch.linalg.vector_norm(vc, dtype=acc), nonzero, sat, nonfinite, view_nonfinite,
+                mn, mx]
+
+    def _masked_on_host(self, y: torch.Tensor, view: torch.Tensor, kind: OutputKind) -> list[float]:
+        """`_reduce_masked` read back as the COLS sums (CPU: a NaN/Inf somewhere, or the robust path)."""
+        vals = [v.item() for v in self._reduce_masked(y, view, kind)]
+        vals[2] *= vals[2]  # the view's norm -> its sum of squares
+        vals[3] += vals[6]  # non-finite elements were replaced by 0: they are not zeros
+        return vals
 
     def _saturated(self, kind: OutputKind, y: torch.Tensor) -> torch.Tensor:
         """Saturated outputs in `y` (comparisons with NaN are false, so NaN never counts)."""
@@ -245,8 +294,15 @@ class ActivationStats:
         row[7] = max(row[7], -mn, mx)
 
     def _track_units(self, i: int, y: torch.Tensor, dims: tuple[int, ...]) -> None:
-        unit_max = y.amax(dim=dims)
         buf = self._unit_max.get(i)
+        a = _as_numpy(y) if self.on_host else None
+        if a is not None and buf is not None and buf.dtype == torch.float32:
+            unit_max = a.max(axis=dims)  # numpy on the same memory: cheaper than torch's dispatch
+            if unit_max.shape == buf.shape:
+                out = buf.numpy()
+                np.maximum(out, unit_max, out=out)
+                return
+        unit_max = y.amax(dim=dims)
         if buf is None or buf.shape != unit_max.shape:
             self._unit_max[i] = unit_max.float().clone()
         else:
@@ -265,7 +321,7 @@ class ActivationStats:
                 self._idx_cache[key] = idx
         v = torch.stack(self._pending).view(-1, N_COLS + 2).double()
         self._pending, self._pending_idx = [], []
-        self.acc.index_add_(0, idx, v[:, :N_COLS])
+        self.acc.index_add_(0, idx, _columns(v))
         if self.origin is not None:  # calls are in forward order
             self.origin.note(idx, v[:, COLS.index("nonfinite")], 0)
         self.absmax.scatter_reduce_(0, idx, torch.maximum(-v[:, N_COLS], v[:, N_COLS + 1]).float(), "amax")

@@ -13,6 +13,7 @@ are kept until the snapshot, where one collective adds the sharded columns over 
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import numpy as np
@@ -66,10 +67,15 @@ class ParameterStats:
                 scale.append(1.0)
         self._sample_param = torch.tensor(sample_param, dtype=torch.long, device=device)
         self._scale = torch.tensor(scale, dtype=torch.float64, device=device)
+        # unsharded: each sampled element goes straight to its layer, scaled (one index_add per measurement)
+        sample_layer = self.layer_idx[self._sample_param] if len(params) else self._sample_param
+        self._sample_layer2 = torch.cat([sample_layer, sample_layer + L1])  # rows d^2, then w^2, of (2, L+1)
+        self._sample_scale = self._scale[self._sample_param] if len(params) else self._scale
 
     def _sample(self) -> torch.Tensor:
         with torch.no_grad():
-            parts = [local(p).detach().reshape(-1) if idx is None else torch.take(local(p).detach(), idx)
+            # no detach under no_grad: it would be one more op per parameter
+            parts = [local(p).reshape(-1) if idx is None else torch.take(local(p), idx)
                      for p, idx in zip(self.params, self._index)]
             return torch.cat(parts).double() if parts else torch.zeros(0, dtype=torch.float64)
 
@@ -91,17 +97,17 @@ class ParameterStats:
         if not self.params:
             return
         with torch.no_grad():
-            detached = [local(p).detach() for p in self.params]
+            detached = [local(p) for p in self.params]  # under no_grad: no graph, no detach needed
             norms = torch.stack(torch._foreach_norm(detached)).double()
-            bad = ~torch.isfinite(norms)
+            sq = norms.square()
             # On CPU a read-back is free, so count only when a norm is non-finite; on CUDA always count
             # (one op per tensor, on the parameter cadence) rather than synchronise.
-            if self.device.type != "cpu" or bool(bad.any()):
+            if self.device.type != "cpu" or not math.isfinite(sq.sum().item()):
                 counts = torch.stack([(~torch.isfinite(p)).sum() for p in detached]).double()
                 self.nonfinite += counts
                 if self.origin is not None:
                     self.origin.note(self.layer_idx, counts, 2)
-            sq = torch.where(bad, 0.0, norms.square())
+                sq = torch.where(torch.isfinite(norms), sq, 0.0)
             self._measured = True
             if self.mode == "off" or self._before is None:
                 self._record(sq, None, None)
@@ -116,6 +122,15 @@ class ParameterStats:
                 after = None
             else:
                 after = self._sample()
+                if not self.shards.any:  # per layer at once: 6 ops instead of 13 (the same sums)
+                    both = torch.stack([after - self._before, self._before]).square_().mul_(self._sample_scale)
+                    # one 1-d index_add_ (on a 2-d tensor it is a scatter, ~30 us on the CPU)
+                    layers = torch.zeros(2 * (self.n_layers + 1), dtype=torch.float64, device=self.device)
+                    layers = layers.index_add_(0, self._sample_layer2, both.view(-1)).view(2, -1)
+                    self.norm_sq.zero_().index_add_(0, self.layer_idx, sq)
+                    self._add_ratio(layers[0], layers[1])
+                    self._before = after if keep_as_before else None
+                    return
                 d_sq = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
                 d_sq.index_add_(0, self._sample_param, (after - self._before).square())
                 w_sq = torch.zeros_like(d_sq).index_add_(0, self._sample_param, self._before.square())
@@ -143,8 +158,12 @@ class ParameterStats:
             return
         d_layer = torch.zeros_like(self.norm_sq).index_add_(0, self.layer_idx, d_sq)
         w_layer = torch.zeros_like(self.norm_sq).index_add_(0, self.layer_idx, w_sq)
-        ratio = (d_layer / w_layer).sqrt()
-        ok = torch.isfinite(ratio) & (w_layer > 0)
+        self._add_ratio(d_layer, w_layer)
+
+    def _add_ratio(self, d_layer: torch.Tensor, w_layer: torch.Tensor) -> None:
+        """Add one measurement's per-layer update ratio sqrt(||dw||^2 / ||w||^2) where it is defined."""
+        ratio = (d_layer / w_layer).sqrt_()
+        ok = torch.isfinite(ratio)  # w = 0 gives Inf or NaN, a non-finite w NaN: both left out
         self.ratio_sum += torch.where(ok, ratio, 0.0)
         self.ratio_n += ok.double()
         self.ratio_last.copy_(torch.where(ok, ratio, self.ratio_last))

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from gradflow_agent.alerting import cli
-from gradflow_agent.alerting.rules import ALERTS, LAYER_LABELS, build_rule_groups, render_k8s, render_prometheus
+from gradflow_agent.alerting.rules import ALERTS, JOB_RUN, build_rule_groups, render_k8s, render_prometheus
 from gradflow_agent.config import load_config
 from gradflow_agent.export.metrics import ALL as EXPORTED
 from tests.support.prometheus import require_binary
@@ -22,7 +22,9 @@ PROMETHEUS_RULE = ROOT / "deploy/k8s/prometheusrule.yaml"
 UNIT_TESTS = ROOT / "deploy/prometheus/tests"
 RUNBOOKS = ROOT / "docs/runbooks"
 DESIGN_ALERTS = {"GradientVanishing", "GradientExploding", "DeadNeurons", "NonFiniteValues", "GradientUnstable",
-                 "ActivationSaturation", "TrainingStalled", "GradflowAgentDown", "TrainingHung"}
+                 "ActivationSaturation", "TrainingStalled", "AttentionCollapse", "ExpertLoadImbalance",
+                 "DeadExperts", "GradflowAgentDown", "TrainingHung", "TrainingStraggler"}
+PER_TARGET = ("GradflowAgentDown", "TrainingHung", "TrainingStraggler")  # not the detector's verdict
 
 
 def _default_cfg():
@@ -60,7 +62,8 @@ def test_promtool_checks_the_rule_file_and_the_prometheusrule_groups(tmp_path: P
     extracted.write_text(yaml.safe_dump(groups), encoding="utf-8")
     result = _promtool("check", "rules", str(RULES), str(extracted))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("SUCCESS: 11 rules found") == 2, result.stdout
+    count = len(_rules(build_rule_groups(_default_cfg())))
+    assert result.stdout.count(f"SUCCESS: {count} rules found") == 2, result.stdout
 
 
 def test_promtool_unit_tests_pass() -> None:
@@ -79,8 +82,9 @@ def test_checked_in_unit_tests_are_the_output_for_the_default_config() -> None:
 
 
 def test_alerts_fire_exactly_where_the_detector_reports_and_a_drift_fails(tmp_path: Path) -> None:
-    """The detector's issues on synthetic snapshots are the expected alerts (severity and layer included);
-    a rule that drifts from the verdict (here: ignoring the severity) makes promtool fail."""
+    """The detector's issues on synthetic snapshots are the expected alerts: one per run and kind, at the
+    highest severity reported (two ranks, many layers, one page); a rule that drifts from the verdict
+    (here: the warning alert no longer standing down for the critical one) makes promtool fail."""
     from gradflow_agent.alerting.agreement import promtool_tests
     from gradflow_agent.alerting.rules import ALERTS as SHIPPED
 
@@ -88,20 +92,22 @@ def test_alerts_fire_exactly_where_the_detector_reports_and_a_drift_fails(tmp_pa
     (tmp_path / "rules").mkdir()
     (tmp_path / "tests").mkdir()
     doc = promtool_tests(custom)
-    expected = {(a["exp_labels"]["alertname"] if "alertname" in a["exp_labels"] else c["alertname"],
-                 a["exp_labels"]["severity"], a["exp_labels"]["layer"])
+    expected = [(c["alertname"], a["exp_labels"]["severity"], a["exp_labels"]["run"])
                 for t in doc["tests"] for c in t["alert_rule_test"] for a in c["exp_alerts"]
-                if "layer" in a["exp_labels"]}
-    assert {name for name, _, _ in expected} == {a.name for a in SHIPPED} - {"GradflowAgentDown", "TrainingHung"}
-    assert ("GradientVanishing", "critical", "vanishing.c0.escalates") in expected
-    assert ("DeadNeurons", "critical", "dead.c1.escalates") in expected
-    assert not [e for e in expected if e[2].endswith((".healthy", ".at_threshold", ".nan", ".unknown"))]
+                if "run" in a["exp_labels"] and "instance" not in a["exp_labels"] and c["alertname"] not in PER_TARGET]
+    assert {name for name, _, _ in expected} == {a.name for a in SHIPPED} - set(PER_TARGET)
+    assert ("GradientVanishing", "critical", "vanishing") in expected
+    assert ("GradientVanishing", "warning", "vanishing") not in expected  # one page per incident
+    assert ("DeadNeurons", "critical", "dead") in expected
+    assert not [e for e in expected if e[2].endswith("-warmup")]
+    assert len(expected) == len(set(expected))
     (tmp_path / "tests" / "t.test.yml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     rules = render_prometheus(build_rule_groups(custom))
     (tmp_path / "rules" / "gradflow-alerts.yml").write_text(rules, encoding="utf-8")
     result = _promtool("test", "rules", "t.test.yml", cwd=tmp_path / "tests")
     assert result.returncode == 0, result.stdout + result.stderr
-    drifted = rules.replace(', severity="critical"}', "}")
+    drifted = re.sub(r"unless on \(job, run\)\n.*\n", "", rules)
+    assert drifted != rules
     (tmp_path / "rules" / "gradflow-alerts.yml").write_text(drifted, encoding="utf-8")
     result = _promtool("test", "rules", "t.test.yml", cwd=tmp_path / "tests")
     assert result.returncode != 0
@@ -128,9 +134,10 @@ def test_alert_names_and_labels_follow_the_contract() -> None:
         runbook = RUNBOOKS / f"{rule['alert']}.md"
         assert rule["annotations"]["runbook_url"].endswith(f"/docs/runbooks/{rule['alert']}.md")
         assert runbook.is_file(), f"missing runbook {runbook}"
-        if rule["alert"] not in ("GradflowAgentDown", "TrainingHung"):
-            assert "$labels.layer" in rule["annotations"]["description"]
-            assert "$value" in rule["annotations"]["description"]
+        if rule["alert"] not in PER_TARGET:
+            description = rule["annotations"]["description"]
+            assert "$labels.run" in description and "$value" in description
+            assert 'which="first"' in description and 'which="worst"' in description
     for rule in rules:
         if "record" in rule:
             assert re.fullmatch(r"[a-z_]+:gradflow_[a-z_]+:[a-z0-9_]+", rule["record"]), rule["record"]
@@ -141,18 +148,23 @@ def test_alert_names_and_labels_follow_the_contract() -> None:
         assert {r["for"] for r in mine} == {spec.for_}
 
 
-def test_per_layer_alerts_aggregate_by_the_five_identity_labels() -> None:
-    """Every aggregation keeps job, instance, run, rank and layer (an explicit `by`, never `without`)."""
-    for rule in _rules(build_rule_groups(_default_cfg())):
+def test_per_run_alerts_read_recorded_series_aggregated_by_job_and_run() -> None:
+    """Recording rules reduce with an explicit `by (job, run, ...)` (never `without`), and the per-run
+    alerts read only recorded series: a global Prometheus that federates them evaluates the same alerts."""
+    rules = _rules(build_rule_groups(_default_cfg()))
+    recorded = {r["record"] for r in rules if "record" in r}
+    for rule in rules:
         expr = rule["expr"]
         assert " without " not in expr
-        if rule.get("alert") in (None, "GradflowAgentDown", "TrainingHung"):
-            continue
-        groupings = re.findall(r"\b(?:max|min|sum)\s+by\s*\(([^)]*)\)", expr)
-        joins = re.findall(r"\bon\s*\(([^)]*)\)", expr)
-        assert groupings or joins, rule["alert"]
-        for labels in groupings:
-            assert [x.strip() for x in labels.split(",")] == list(LAYER_LABELS), (rule["alert"], labels)
+        if "record" in rule:
+            groupings = re.findall(r"\b(?:max|min|sum|avg|count|quantile)\s+by\s*\(([^)]*)\)", expr)
+            assert groupings, rule["record"]
+            for labels in groupings:
+                assert [x.strip() for x in labels.split(",")][:2] == list(JOB_RUN), (rule["record"], labels)
+        elif rule["alert"] not in PER_TARGET:
+            names = set(re.findall(r"\b([a-z_]+:gradflow_[a-z_]+:[a-z0-9_]+|gradflow_[a-z_]+)\b", expr))
+            assert names and names <= recorded, (rule["alert"], names)
+            assert re.findall(r"\bon\s*\(([^)]*)\)", expr) in ([], ["job, run"]), rule["alert"]
 
 
 def test_rules_read_only_metrics_the_agent_exports() -> None:
@@ -168,6 +180,7 @@ def test_thresholds_come_from_the_config(tmp_path: Path) -> None:
                              "dead_unit_ratio": 0.6, "unstable_cv": 4.5, "saturation_ratio": 0.7,
                              "stalled_update_ratio": 3e-9}}
     rules = {r["alert"]: r["annotations"]["description"] for r in _rules(build_rule_groups(load_config(custom, {})))
+             if "alert" in r
              if r.get("labels", {}).get("severity") != "critical" or r["alert"] == "GradientExploding"}
     assert "thresholds.vanishing = 2.5e-05" in rules["GradientVanishing"]
     assert "thresholds.exploding = 77" in rules["GradientExploding"]

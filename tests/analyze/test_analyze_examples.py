@@ -19,7 +19,11 @@ def test_01_simple_mlp(tmp_path, capsys):
     healthy = json.loads((tmp_path / "relu.json").read_text())
     sick = json.loads((tmp_path / "sigmoid-small-init.json").read_text())
     assert healthy["issues"] == [] and healthy["overall_status"] == "HEALTHY"
-    assert {"vanishing", "decay"} <= {i["issue_type"] for i in sick["issues"]}
+    # the gradient shrinks 4 decades through 4 layers: DECAY, and the first layer is unhealthy. (It is no longer
+    # also VANISHING: that came from seed 004's absolute 0.01, which flags healthy transformers; its 2.6 decades
+    # below the model's median are within the relative criterion's 3.)
+    assert "decay" in {i["issue_type"] for i in sick["issues"]}
+    assert sick["health"]["0"]["status"] != "HEALTHY"
     assert (tmp_path / "relu.html").read_text().startswith("<!DOCTYPE html>")
     assert "worst:" in capsys.readouterr().out
 

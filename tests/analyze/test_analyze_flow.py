@@ -125,12 +125,15 @@ def test_the_model_is_left_as_it_was():
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
-def test_thresholds_are_the_seeds_and_filtering_works():
+def test_thresholds_are_one_table_and_filtering_works():
     def small_loss(out: torch.Tensor) -> torch.Tensor:  # pressures ~1e-3: below seed 004's 0.01, above 1e-6
         return 0.01 * F.cross_entropy(out, Y)
 
+    # every analyzer takes default.yaml's thresholds (seed 004's absolute 0.01 is no analyzer's default any more)
     assert GradientFlowAnalyzer(P.healthy_mlp()).analyze(lambda: X, small_loss, steps=3) == []
     report = FlowAnalyzer(P.healthy_mlp()).analyze(X, None, lambda out, _y: small_loss(out), steps=3)
+    assert report.issues == [] and report.meta["thresholds"] == GradientFlowAnalyzer(None).thresholds.to_dict()
+    report = FlowAnalyzer(P.healthy_mlp(), vanishing=0.01).analyze(X, None, lambda out, _y: small_loss(out), steps=3)
     assert {k for k, _ in kinds(report.issues)} == {"vanishing"}
     a = GradientFlowAnalyzer(P.healthy_mlp(), vanishing_threshold=0.01)
     assert a.thresholds.vanishing == 0.01 and a.thresholds.exploding == 10.0

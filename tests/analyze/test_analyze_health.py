@@ -22,6 +22,7 @@ from gradflow_agent.analyze.health import (
     DEFAULT_POLICY,
     overall_health,
     pressure_penalty,
+    recommendation,
     turbulence_penalty,
 )
 
@@ -41,7 +42,9 @@ def test_score_is_the_one_formula_and_status_follows_the_worst_issue():
     h = layer_health("fc", 1.0, 0.0, [crit, med, high])
     assert h.score == 25.0 and h.status is HealthStatus.CRITICAL  # 100 - 50 - 25, as the agent scores it
     assert h.issues == (crit, med) and h.components == {"issues": 75.0}
-    assert h.recommendations[0] == crit.recommendation
+    # base.make_issue cannot read the agent's advice (the agent's modules import base); health's
+    # recommendation() gives it, and layer_health uses it for an issue made without one
+    assert h.recommendations[0] == (crit.recommendation or recommendation(IssueType.VANISHING)) != ""
     two_warnings = layer_health("other", 1.0, 0.0, [high, high])
     assert two_warnings.score == 50.0 and two_warnings.status is HealthStatus.WARNING
     assert layer_health("quiet", 1.0, 0.0, [low]).status is HealthStatus.HEALTHY
