@@ -40,10 +40,11 @@ from .config import ConfigError, Section, check_runtime, load_config
 from .detect import diagnose
 from .errors import ErrorCounter
 from .export import build_exporters
+from .export.budget import identical_across_ranks, world_size
 from .export.flight import extra_ring_rows
 from .export.flight import wanted as flight_wanted
 from .export.worker import DEFAULT_CLOSE_SECONDS
-from .hooks import HookManager, reset_compiled_code, select_layers
+from .hooks import HookManager, reset_compiled_code, select_layers, unwrap_optimizer
 from .snapshot import LAYER_STATS, Snapshot
 from .stats.activations import ActivationStats
 from .stats.engine import model_device, transfer
@@ -112,8 +113,11 @@ class Agent:
                  optimizer: torch.optim.Optimizer | None = None, scaler: Any = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if optimizer is not None:  # the torch optimizer inside a wrapper (accelerate, Lightning): its hooks fire
+            inner = unwrap_optimizer(optimizer)
+            if inner is None:
+                raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            optimizer = inner
         self._closed = False
         self.exporters: list = []
         self.plugins: list = []
@@ -234,6 +238,11 @@ class Agent:
         self.param = self._parameter_stats()
         self.sharded = self.grad.shards.any and torch.distributed.is_available() and \
             torch.distributed.is_initialized()
+        # a data-parallel job: activation reductions are combined over the ranks at each snapshot and
+        # every per-layer series is exported once, by rank 0 (exporters.prometheus.per_rank)
+        self.combined = world_size() > 1 and identical_across_ranks(
+            self.sharded, str(self.config.exporters.prometheus.per_rank))
+        self.collective_snapshots = self.sharded or self.combined  # snapshot steps agreed between the ranks
         self._next_sync_step = getattr(self, "steps", 0) + min(self.config.sampling.export_every_n_steps, 10)
         if getattr(self, "hooks", None) is not None:
             self.hooks.rebind(self._all_params)
@@ -436,9 +445,10 @@ class Agent:
             self.activation_every //= 2
 
     def _due(self) -> bool:
-        """Is a snapshot due after this step? With sharded parameters the snapshot holds a collective, so
+        """Is a snapshot due after this step? With sharded parameters (or activations combined over the
+        ranks) the snapshot holds a collective, so
         every rank must decide alike: a step count agreed at the previous snapshot replaces the clock."""
-        if self.sharded:
+        if self.collective_snapshots:
             return self.steps >= self._next_sync_step
         cfg = self._step_cfg
         return (self.steps - self._interval_start >= cfg.export_steps
@@ -499,6 +509,8 @@ class Agent:
         with self._lock:
             losses, self._losses = self._losses, []
             components = self._components()
+            if self.combined:
+                run("activations", self.act.combine_across_ranks)
             parts = [run(name, obj.device_parts) for name, obj in components]
             loss_parts = run("loss", self._loss_parts, losses) or []
             scale = [self.scaler._scale.reshape(-1)[:1]] if isinstance(getattr(self.scaler, "_scale", None),
@@ -523,7 +535,7 @@ class Agent:
                 self._last_loss = float(loss_host[0][0])
             scale_host = host[len(components) + 1]
             interval = self.steps - self._interval_start
-            if self.sharded and not strict:
+            if self.collective_snapshots and not strict:
                 run("schedule", self._agree_next_snapshot, interval)
             self._interval_start = self.steps
             self._last_publish = time.monotonic()

@@ -108,6 +108,18 @@ def _spread(layers: list[Layer], cap: int) -> list[Layer]:
             for j, i in enumerate(picks)]
 
 
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside trainer wrappers (accelerate's AcceleratedOptimizer, Lightning's
+    LightningOptimizer): the one whose step hooks actually fire."""
+    seen = 0
+    while optimizer is not None and seen < 5:
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer, seen = inner, seen + 1
+    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+
+
 # -- hooks never travel with the model ------------------------------------------------------------------
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")

@@ -392,11 +392,12 @@ def overview(th: Section) -> db.Dashboard:
 
 
 def layers(th: Section) -> db.Dashboard:
-    """Every layer of one run at once: heatmaps over time and depth profiles (model order)."""
+    """Every layer of one run at once: heatmaps over time, depth profiles (model order), attention and MoE."""
     p = _Panels()
     d = _base(UID_LAYERS, "gradflow / Layers",
               "Per-layer gradient and activation statistics of one run and rank: heatmaps of each "
-              "statistic by layer over time and depth profiles in model order.",
+              "statistic by layer over time, depth profiles in model order, and the attention and "
+              "mixture-of-experts router statistics of the layers that have them.",
               layer_multi=True, run_multi=False)
 
     d = d.with_row(p.row("Layers over time"))
@@ -461,10 +462,62 @@ def layers(th: Section) -> db.Dashboard:
                          "threshold.", "percentunit",
                          [_query(f"topk(10, max by (layer) (gradflow_activation_dead_unit_ratio{{{LAYER_SEL}}}))",
                                  "{{layer}}")], thresholds=_above(th.dead_unit_ratio), min_val=0, max_val=1))
-    return d.with_panel(_issue_timeline(
+    d = d.with_panel(_issue_timeline(
         p, "Detector issues by layer",
         "When the in-process detector flagged each layer, by issue kind (gradflow_issue).",
         _query(f"max by (layer, kind) (gradflow_issue{{{LAYER_SEL}}})", "{{layer}} {{kind}}"), 8))
+    return _plugin_rows(p, d, th)
+
+
+def _plugin_rows(p: _Panels, d: db.Dashboard, th: Section) -> db.Dashboard:
+    """Attention (stats.attention) and mixture-of-experts router (stats.moe) panels of the Layers
+    dashboard, by layer name: the plug-ins' gauges are per layer (`model.layers.0.self_attn`,
+    `model.layers.0.mlp.gate`). Empty for models without attention statistics or routers."""
+    d = d.with_row(p.row("Attention"))
+    d = d.with_panel(_ts(p, "Lowest attention entropy",
+                         "Mean normalised entropy of the sampled attention rows of each attention layer "
+                         "(gradflow_attention_entropy_ratio, stats.attention.enabled): 1 uniform, 0 every "
+                         "query on one key; the ten lowest. Dashed: the AttentionCollapse threshold "
+                         f"({th.attention_collapse_entropy:g}).", "percentunit",
+                         [_query(f"bottomk(10, min by (layer) (gradflow_attention_entropy_ratio{{{LAYER_SEL}}}))",
+                                 "{{layer}}")],
+                         thresholds=_below(th.attention_collapse_entropy), span=8, min_val=0, max_val=1))
+    d = d.with_panel(_ts(p, "Largest attention max probability",
+                         "Mean largest attention probability of the sampled rows of each attention layer "
+                         "(gradflow_attention_max_prob_ratio): near 1 when attention collapsed onto one key; "
+                         "the ten largest. Dashed: the AttentionCollapse threshold "
+                         f"({th.attention_collapse_max_prob:g}).", "percentunit",
+                         [_query(f"topk(10, max by (layer) (gradflow_attention_max_prob_ratio{{{LAYER_SEL}}}))",
+                                 "{{layer}}")],
+                         thresholds=_above(th.attention_collapse_max_prob), span=8, min_val=0, max_val=1))
+    d = d.with_panel(_topk_table(
+        p, "Least diverse attention heads", "The ten attention layers whose sampled heads attend most alike "
+        "now (gradflow_attention_head_diversity: 0 identical heads, 1 unrelated).",
+        "gradflow_attention_head_diversity", "min"))
+
+    d = d.with_row(p.row("Mixture of experts"))
+    d = d.with_panel(_ts(p, "Expert load imbalance",
+                         "Load imbalance of each MoE router over its latest complete routing window "
+                         "(gradflow_moe_load_imbalance_ratio): 0 balanced, 1 the same top-k experts get "
+                         "every token; the ten largest. Dashed: the ExpertLoadImbalance threshold "
+                         f"({th.expert_imbalance:g}).", "none",
+                         [_query(f"topk(10, max by (layer) (gradflow_moe_load_imbalance_ratio{{{LAYER_SEL}}}))",
+                                 "{{layer}}")],
+                         thresholds=_above(th.expert_imbalance), span=8, min_val=0, max_val=1))
+    # The rule is "dead ratio > dead_expert_ratio": at the default 0, any dead expert; a dashed line at 0
+    # would paint every healthy router red, so it is drawn only for a positive threshold.
+    d = d.with_panel(_ts(p, "Dead expert ratio",
+                         "Fraction of each MoE router's experts that received no token over the latest "
+                         "complete routing window (gradflow_moe_dead_experts / gradflow_moe_experts); the "
+                         f"ten largest. Above {th.dead_expert_ratio:g} fires DeadExperts.", "percentunit",
+                         [_query(f"topk(10, max by (layer) (gradflow_moe_dead_experts{{{LAYER_SEL}}} / "
+                                 f"gradflow_moe_experts{{{LAYER_SEL}}}))", "{{layer}}")],
+                         thresholds=_above(th.dead_expert_ratio) if th.dead_expert_ratio > 0 else None,
+                         span=8, min_val=0, max_val=1))
+    return d.with_panel(_topk_table(
+        p, "Lowest router entropy", "The ten MoE routers whose softmax over the experts is the most peaked now "
+        "(gradflow_moe_router_entropy_ratio: 1 uniform router, 0 one expert per token).",
+        "gradflow_moe_router_entropy_ratio", "min"))
 
 
 def layer(th: Section) -> db.Dashboard:

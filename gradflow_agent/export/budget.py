@@ -62,7 +62,7 @@ class Budget:
     series: int = 0
     worst_k: int = 5
     depth_bins: int = DEFAULT_DEPTH_BINS
-    skip: frozenset[str] = frozenset()  # per-layer statistics another rank exports for the job
+    per_layer: bool = True  # False: another rank exports this job's per-layer series
 
     @classmethod
     def from_config(cls, cfg, world_size: int = 1) -> Budget:
@@ -73,14 +73,15 @@ class Budget:
 
     @classmethod
     def for_agent(cls, agent) -> Budget:
-        """The budget of `agent`'s process: its share of the job's `exporters.prometheus.series_budget`,
-        and, on ranks other than 0 of a job whose gradient and parameter statistics are the same on every
-        rank, those statistics left to rank 0 (`exporters.prometheus.per_rank`)."""
+        """The budget of `agent`'s process: its share of the job's `exporters.prometheus.series_budget`.
+        In a combined data-parallel job every rank holds the job's statistics: rank 0 exports them with
+        the whole budget and the other ranks export no per-layer series."""
         cfg = agent.config.exporters.prometheus
-        budget = cls.from_config(cfg, world_size())
-        if getattr(agent, "rank", 0) and _identical_across_ranks(agent, str(getattr(cfg, "per_rank", "auto"))):
-            budget = replace(budget, skip=DP_IDENTICAL)
-        return budget
+        if not getattr(agent, "combined", False):
+            return cls.from_config(cfg, world_size())
+        if getattr(agent, "rank", 0):
+            return replace(cls.from_config(cfg, 1), per_layer=False)
+        return cls.from_config(cfg, 1)
 
     @property
     def max_named(self) -> int:
@@ -88,19 +89,11 @@ class Budget:
         return self.series // PER_LAYER_SERIES if self.series else 0
 
 
-#: Per-layer statistics of the whole model's gradient and parameters: equal on every rank of a
-#: data-parallel job (DDP averages the gradients; FSDP2 statistics are reduced over the shards).
-DP_IDENTICAL = frozenset({"grad_pressure", "grad_pressure_max", "grad_turbulence", "grad_velocity",
-                          "grad_zero_ratio", "param_norm", "update_ratio"})
-
-
-def _identical_across_ranks(agent, per_rank: str) -> bool:
-    """`per_rank: false` says so; `auto` knows it for sharded (FSDP2/DTensor) runs, whose statistics
-    the agent reduces over the shard group itself. Under DDP the agent cannot tell data parallelism
-    from a pipeline whose ranks hold different layers: set `per_rank: false` there."""
-    if per_rank in ("false", "False"):
-        return True
-    return per_rank == "auto" and bool(getattr(agent, "sharded", False))
+def identical_across_ranks(sharded: bool, per_rank: str) -> bool:
+    """Do all ranks hold the same layers, so that their statistics can be combined and exported once?
+    `per_rank: false` says so; `auto` knows it for sharded (FSDP2/DTensor) runs. Under DDP the agent
+    cannot tell data parallelism from a pipeline whose ranks hold different layers: set `false` there."""
+    return per_rank == "false" or (per_rank == "auto" and sharded)
 
 
 def world_size() -> int:

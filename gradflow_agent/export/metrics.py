@@ -139,13 +139,14 @@ ALL = (*LAYER_GAUGES.values(), HEALTH, ISSUE, ISSUE_VALUE, NONFINITE, LAYER_INFO
 UNLIMITED = Budget()
 
 
-def samples(snap: Snapshot, info: dict[str, str], budget: Budget = UNLIMITED,
-            per_layer: bool = True) -> Iterator[tuple[Metric, dict[str, str], float]]:
+def samples(snap: Snapshot, info: dict[str, str],
+            budget: Budget = UNLIMITED) -> Iterator[tuple[Metric, dict[str, str], float]]:
     """Every (metric, labels, value) of a snapshot. NaN per-layer statistics mean "no data": omitted.
 
     Per-layer series are exported for the layers `budget` names (export/budget.py); the depth profile
-    and the issue counts cover every layer. `per_layer=False` (a rank whose per-layer statistics another
-    rank exports) leaves out everything per layer."""
+    and the issue counts cover every layer. A budget without `per_layer` (a rank whose per-layer series
+    rank 0 exports for the job) leaves out everything per layer."""
+    per_layer = budget.per_layer
     if per_layer:
         yield from _layer_samples(snap, budget)
     run_values = dict(snap.counters, grad_norm=snap.grad_norm, loss=snap.loss, snapshot_time=snap.time)
@@ -167,8 +168,6 @@ def _layer_samples(snap: Snapshot, budget: Budget) -> Iterator[tuple[Metric, dic
     named = named_layers(snap, budget)
     names = [snap.layers[i] for i in named]
     for key, metric in LAYER_GAUGES.items():
-        if key in budget.skip:
-            continue
         values = snap.stats[key]
         for i, name in zip(named, names):
             value = values[i]

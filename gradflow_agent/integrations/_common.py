@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..export.metrics import Metric
+from ..hooks import unwrap_optimizer  # noqa: F401 - defined with the optimizer hooks, used by every integration
 
 LEARNING_RATE = Metric("gradflow_learning_rate", "gauge",
                        "Learning rate of each optimizer parameter group at the last optimizer step, forwarded "
@@ -63,18 +64,6 @@ def _float(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         return float("nan")
-
-
-def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
-    """The torch optimizer inside trainer wrappers (accelerate's AcceleratedOptimizer, Lightning's
-    LightningOptimizer): the one whose step hooks actually fire."""
-    seen = 0
-    while optimizer is not None and seen < 5:
-        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-        if inner is None or inner is optimizer:
-            break
-        optimizer, seen = inner, seen + 1
-    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
 
 class InertOptimizer(torch.optim.Optimizer):

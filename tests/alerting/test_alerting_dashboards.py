@@ -18,6 +18,8 @@ from gradflow_agent.alerting.dashboards import DASHBOARDS, build_dashboards, to_
 from gradflow_agent.alerting.rules import ALERTS, build_rule_groups
 from gradflow_agent.config import load_config
 from gradflow_agent.export.metrics import ALL as EXPORTED
+from gradflow_agent.integrations.attention import AttentionPlugin
+from gradflow_agent.integrations.moe import MoEPlugin
 from tests.support.prometheus import require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,6 +114,20 @@ def test_thresholds_follow_the_config() -> None:
     assert steps["Update ratio"] == [None, 4e-9]
 
 
+def test_attention_and_moe_panel_thresholds_follow_the_config() -> None:
+    custom = load_config({"thresholds": {"attention_collapse_entropy": 0.2, "attention_collapse_max_prob": 0.9,
+                                         "expert_imbalance": 0.4, "dead_expert_ratio": 0.25}}, {})
+    for cfg, dead in ((custom, [None, 0.25]), (load_config({}, {}), None)):
+        built = json.loads(to_json(build_dashboards(cfg)["gradflow-layers.json"]))
+        steps = {p["title"]: [s["value"] for s in p["fieldConfig"]["defaults"]["thresholds"]["steps"]]
+                 for p in _panels(built) if "thresholds" in p["fieldConfig"]["defaults"]}
+        if cfg is custom:
+            assert steps["Lowest attention entropy"] == [None, 0.2]
+            assert steps["Largest attention max probability"] == [None, 0.9]
+            assert steps["Expert load imbalance"] == [None, 0.4]
+        assert steps.get("Dead expert ratio") == dead  # no line at the default 0 (any dead expert)
+
+
 def test_alert_panels_list_exactly_the_shipped_alerts() -> None:
     names = "|".join(a.name for a in ALERTS)
     alert_exprs = [e for e in _exprs(_load("gradflow-overview.json")) if "ALERTS{" in e]
@@ -119,8 +135,9 @@ def test_alert_panels_list_exactly_the_shipped_alerts() -> None:
 
 
 def test_queries_read_only_exported_metrics_and_recording_rules() -> None:
-    known = {m.name for m in EXPORTED} | {r["record"] for g in build_rule_groups() for r in g["rules"]
-                                           if "record" in r}
+    plugins = {m.name for m in (*AttentionPlugin.metrics, *MoEPlugin.metrics)}  # the plug-ins' own gauges
+    known = {m.name for m in EXPORTED} | plugins | {r["record"] for g in build_rule_groups() for r in g["rules"]
+                                                     if "record" in r}
     for name in DASHBOARDS:
         for expr in _exprs(_load(name)):
             for metric in re.findall(r"\b((?:[a-z_]+:)?gradflow_[a-z_]+(?::[a-z0-9_]+)?)\b", expr):

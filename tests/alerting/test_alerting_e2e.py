@@ -363,8 +363,20 @@ def _dashboard_files() -> list[Path]:
     return sorted(DASHBOARDS.glob("*.json"))
 
 
+def _exported(stack: Stack, exprs: list[str]) -> bool:
+    """Did the demo job ever export every raw series these queries read: each `gradflow_*` name and each
+    `statistic="..."` of the depth profile? (The demo MLPs have no attention and no MoE router.)"""
+    text = " ".join(exprs)
+    wanted = [f'{{__name__="{n}", job="{JOB}"}}' for n in sorted(set(re.findall(r"\bgradflow_[a-z_]+", text)))]
+    wanted += [f'gradflow_depth_profile{{job="{JOB}", statistic="{st}"}}'
+               for st in sorted(set(re.findall(r'statistic="(\w+)"', text)))]
+    return all(stack.ever(w) for w in wanted)
+
+
 @pytest.mark.parametrize("path", _dashboard_files(), ids=lambda p: p.stem)
 def test_every_panel_query_returns_data_for_the_demo_runs(stack: Stack, path: Path) -> None:
+    """Every panel returns data, except one reading a statistic the demo job never exports at all
+    (attention, MoE routers: tests/test_hf_end_to_end.py checks those panels)."""
     prom = stack.prometheus
     runs = sorted({s["metric"]["run"] for s in prom.query(f'gradflow_steps_total{{job="{JOB}"}}')})
     layers = sorted({s["metric"]["layer"] for s in prom.query(f'gradflow_layer_info{{job="{JOB}"}}')})
@@ -375,8 +387,11 @@ def test_every_panel_query_returns_data_for_the_demo_runs(stack: Stack, path: Pa
     }
     dashboard = json.loads(path.read_text(encoding="utf-8"))
     end = time.time()
-    empty = []
+    empty, checked = [], []
     for panel in _panels(dashboard):
+        if not _exported(stack, [_substitute(t["expr"], values) for t in panel["targets"]]):
+            continue
+        checked.append(panel["title"])
         got_data = False
         for target in panel["targets"]:
             expr = _substitute(target["expr"], values)
@@ -387,4 +402,5 @@ def test_every_panel_query_returns_data_for_the_demo_runs(stack: Stack, path: Pa
             got_data = got_data or bool(result)
         if not got_data:
             empty.append(panel["title"])
+    assert checked, f"{path.name}: no panel reads only statistics the demo runs export"
     assert not empty, f"{path.name}: panels without data: {empty}"

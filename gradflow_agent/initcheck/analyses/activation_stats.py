@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradflow_agent.hooks import add_module_hook
+
 from ..config import HealthyRanges
 from ..context import ModuleContext, primary_output
 from ..result import AnalysisResult, skipped
@@ -103,7 +105,7 @@ def collect(ctx: ModuleContext, passes: int, seed_offset: int = 500) -> dict[str
 
         return hook
 
-    handles = [m.register_forward_hook(make_hook(name)) for name, m in targets.items()]
+    handles = [add_module_hook(m, make_hook(name)) for name, m in targets.items()]  # the one hook mechanism
     gen = ctx.generator(seed_offset)
     try:
         with torch.no_grad(), eval_mode(ctx.module):

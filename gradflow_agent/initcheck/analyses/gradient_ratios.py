@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradflow_agent.hooks import add_module_hook
+
 from ..context import ModuleContext
 from ..result import AnalysisResult, skipped
 from .common import joint_norm, train_mode
@@ -38,7 +40,7 @@ def layer_order(ctx: ModuleContext) -> list[tuple[str, nn.Module]]:
 
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in owners]
+    handles = [add_module_hook(m, make_hook(name), pre=True) for name, m in owners]  # the one hook mechanism
     try:
         with torch.no_grad(), train_mode(ctx.module):
             ctx.call(ctx.inputs("normal", ctx.generator(0)))
