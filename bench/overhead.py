@@ -36,6 +36,9 @@ CONFIGS = {
     "all": {"exporters": {"prometheus": {"port": 0, "addr": "127.0.0.1"}},
             "sampling": {"every_n_steps": 1},
             "stats": {"parameters": {"every_n_steps": 1}, "activations": {"dead_units": True}}},
+    # attention statistics (sampled query rows recomputed from q and k) on top of the default
+    "attention": {"exporters": {"prometheus": {"port": 0, "addr": "127.0.0.1"}},
+                  "stats": {"attention": {"enabled": True}}},
 }
 
 

@@ -44,7 +44,7 @@ from .export.budget import identical_across_ranks, world_size
 from .export.flight import extra_ring_rows
 from .export.flight import wanted as flight_wanted
 from .export.worker import DEFAULT_CLOSE_SECONDS
-from .hooks import HookManager, reset_compiled_code, select_layers, unwrap_optimizer
+from .hooks import HookManager, add_module_hook, reset_compiled_code, select_layers, unwrap_optimizer
 from .snapshot import LAYER_STATS, Snapshot
 from .stats.activations import ActivationStats
 from .stats.engine import model_device, transfer
@@ -203,6 +203,8 @@ class Agent:
         if optimizer is None:
             self.hooks.watch_backward(model, self._backward_ended)
         self.forward_clock = ForwardClock(model, self.device)
+        # before the wrappers' own pre-forward hooks (FSDP2 unshards the parameters in its own)
+        self._first_forward = add_module_hook(model, self._on_first_forward, pre=True, prepend=True)
         if cfg.stats.parameters.enabled and self._param_due(1):
             self.param.take_before()
         self.exporters = build_exporters(self)
@@ -246,6 +248,7 @@ class Agent:
         self._next_sync_step = getattr(self, "steps", 0) + min(self.config.sampling.export_every_n_steps, 10)
         if getattr(self, "hooks", None) is not None:
             self.hooks.rebind(self._all_params)
+            self.hooks.reattach_forward()  # after the hooks of the wrapper that replaced the parameters
 
     def _params_replaced(self) -> bool:
         """The model's parameters are no longer the ones bound (checked on the parameter cadence and when an
@@ -260,6 +263,17 @@ class Agent:
         if self.config.stats.parameters.enabled:
             self.param.take_before()
         return True
+
+    def _on_first_forward(self, module: nn.Module, inputs: tuple) -> None:
+        """Parameters replaced between attach and the first forward (fully_shard, parallelize_module,
+        wrapping) are rebound before it, so that the first step is measured as the later ones (the
+        forward hooks then run after the wrapper's). Once; never inside a compiled graph."""
+        if torch.compiler.is_compiling():
+            return
+        handle, self._first_forward = self._first_forward, None
+        if handle is not None:
+            handle.remove()
+            self.errors.guard("rebind", self._params_replaced)
 
     def _claims(self, opt: torch.optim.Optimizer) -> None:
         """An optimizer of parameters the agent does not know steps: rebind if they are the model's now."""
@@ -738,6 +752,9 @@ class Agent:
             self.hooks.remove()
         if getattr(self, "forward_clock", None) is not None:
             errors.guard("forward_clock", self.forward_clock.remove)
+        if getattr(self, "_first_forward", None) is not None:
+            errors.guard("rebind", self._first_forward.remove)
+            self._first_forward = None
         for plugin in self.plugins:
             errors.guard(plugin.name, plugin.close)
         close_all(self.exporters, deadline, errors)

@@ -189,11 +189,11 @@ class _ModuleHandle:
 
 
 def add_module_hook(module: nn.Module, hook: Callable, *, pre: bool = False, with_kwargs: bool = False,
-                    always_call: bool = False) -> _ModuleHandle:
+                    always_call: bool = False, prepend: bool = False) -> _ModuleHandle:
     """Register a forward (pre-)hook that deepcopy/pickle of the model never carries. Every hook the
-    agent or its plug-ins put on a model goes through here."""
+    agent or its plug-ins put on a model goes through here. `prepend`: before the hooks already there."""
     if pre:
-        handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+        handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs, prepend=prepend)
     else:
         handle = module.register_forward_hook(hook, with_kwargs=with_kwargs, always_call=always_call)
     return _ModuleHandle(module, handle)
@@ -277,8 +277,20 @@ class HookManager(HandleSet):
 
     # -- activations ----------------------------------------------------------------------------------
     def attach_forward(self) -> None:
-        for layer in self.layers:
-            self._handles.append(add_module_hook(layer.module, self._forward_hook(layer)))
+        self._forward_handles = [add_module_hook(layer.module, self._forward_hook(layer)) for layer in self.layers]
+        self._handles.extend(self._forward_handles)
+
+    def reattach_forward(self) -> None:
+        """Move the forward hooks to the end of each module's hooks: after those a later wrapper added
+        (tensor parallelism turns outputs into DTensors and back in its own hooks), so they see the local
+        outputs the model computes with. Called when the parameters were replaced after attach."""
+        handles = getattr(self, "_forward_handles", None)
+        if not handles:
+            return
+        for handle in handles:
+            handle.remove()
+            self._handles.remove(handle)
+        self.attach_forward()
 
     def _forward_hook(self, layer: Layer):
         sets_layout = next(layer.module.parameters(recurse=False), None) is not None

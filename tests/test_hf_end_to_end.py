@@ -20,12 +20,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
 
 import gradflow_agent
 from tests.alerting.test_alerting_e2e import _panels, _substitute
 from tests.conftest import config
-from tests.support.prometheus import PrometheusServer, require_binary
+from tests.support.prometheus import PrometheusServer, require_binary, rules_without_delay
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -44,7 +43,6 @@ from transformers import (  # noqa: E402
 from gradflow_agent.integrations import GradflowCallback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RULES = ROOT / "deploy/prometheus/rules/gradflow-alerts.yml"
 VOCAB = 64
 STEPS = 4
 ACCUMULATION = 2
@@ -241,18 +239,6 @@ def test_accelerate_optimizer_wrapper_can_be_given_to_attach() -> None:
 
 
 # -- c) a real Prometheus with the shipped rules -----------------------------------------------------------------
-def _rules_without_delay(tmp: Path) -> Path:
-    """The shipped rule file with `for:` -> 0s (TrainingHung and GradflowAgentDown keep their own)."""
-    data = yaml.safe_load(RULES.read_text(encoding="utf-8"))
-    for group in data["groups"]:
-        for rule in group["rules"]:
-            if "alert" in rule and rule["alert"] not in ("TrainingHung", "GradflowAgentDown"):
-                rule["for"] = "0s"
-    path = tmp / "gradflow-alerts.yml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
-
-
 def _exporting_run(name: str, model: PreTrainedModel, out: Path) -> Any:
     """A Trainer run with the Prometheus exporter on; the agent is left attached (it keeps serving)."""
     cfg = config(stats=ATTENTION_CFG, run={"name": name},
@@ -276,7 +262,7 @@ def test_attention_collapse_pages_once_for_the_collapsed_run_and_never_for_the_h
         targets = [a.prometheus_url.split("/")[2] for a in agents.values()]
         cfg = {"scrape_configs": [{"job_name": "gradflow-hf", "static_configs": [{"targets": targets}]}]}
         started = time.time()
-        with PrometheusServer(cfg, rule_files=[_rules_without_delay(tmp_path)]) as prom:
+        with PrometheusServer(cfg, rule_files=[rules_without_delay(tmp_path)]) as prom:
             prom.wait_for_targets(len(agents), timeout=30)
 
             def of(run: str) -> list[dict[str, Any]]:

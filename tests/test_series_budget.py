@@ -24,10 +24,9 @@ import gradflow_agent
 from gradflow_agent.export.budget import PER_LAYER_SERIES, Budget, depth_bins, named_layers
 from gradflow_agent.export.prometheus import PROMETHEUS_ACCEPT
 from tests.conftest import config
-from tests.support.prometheus import PrometheusServer, require_binary
+from tests.support.prometheus import PrometheusServer, require_binary, rules_without_delay
 
 ROOT = Path(__file__).resolve().parents[1]
-RULES = ROOT / "deploy/prometheus/rules/gradflow-alerts.yml"
 FEDERATION = ROOT / "deploy/prometheus/federation/global.yml"
 DEPTH = 1000
 VANISHING, EXPLODING = 1e-6, 100.0  # the default thresholds
@@ -219,17 +218,6 @@ class _Replicas(http.server.ThreadingHTTPServer):
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
 
-def _zero_for(tmp: Path) -> Path:
-    data = yaml.safe_load(RULES.read_text(encoding="utf-8"))
-    for group in data["groups"]:
-        for rule in group["rules"]:
-            if "alert" in rule and rule["alert"] not in ("TrainingHung", "GradflowAgentDown"):
-                rule["for"] = "0s"
-    path = tmp / "gradflow-alerts.yml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
-
-
 def test_eight_ranks_of_a_thousand_layers_page_once_per_kind_and_evaluate_fast(deep_agent, tmp_path: Path) -> None:
     require_binary("prometheus", "prometheus")
     text, _ = _scrape(deep_agent.prometheus_url)
@@ -242,7 +230,7 @@ def test_eight_ranks_of_a_thousand_layers_page_once_per_kind_and_evaluate_fast(d
                             for r in range(8)]}] + [
         {"job_name": "gradflow", "static_configs": [{"targets": [deep_agent.prometheus_url.split("/")[2]]}]}]}
     try:
-        with PrometheusServer(cfg, rule_files=[_zero_for(tmp_path)]) as prom:
+        with PrometheusServer(cfg, rule_files=[rules_without_delay(tmp_path)]) as prom:
             prom.wait_for_targets(9, timeout=30)
             firing = prom.wait_until(
                 lambda: [a for a in prom.alerts("firing") if a["labels"]["alertname"] == "GradientVanishing"
@@ -302,7 +290,7 @@ def _every_panel_has_data(prom: PrometheusServer, run: str) -> None:
 
 def test_a_global_prometheus_federating_the_per_run_series_fires_the_same_alerts(deep_agent, tmp_path: Path) -> None:
     require_binary("prometheus", "prometheus")
-    rules = _zero_for(tmp_path)
+    rules = rules_without_delay(tmp_path)
     local = {"scrape_configs": [{"job_name": "gradflow",
                                  "static_configs": [{"targets": [deep_agent.prometheus_url.split("/")[2]]}]}]}
     with PrometheusServer(local, rule_files=[rules]) as cluster:

@@ -15,15 +15,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import yaml
 from torch import nn
 
 import gradflow_agent
 from tests.conftest import config
-from tests.support.prometheus import PrometheusServer, free_port, require_binary
+from tests.support.prometheus import PrometheusServer, free_port, require_binary, rules_without_delay
 
 ROOT = Path(__file__).resolve().parents[1]
-RULES = ROOT / "deploy/prometheus/rules/gradflow-alerts.yml"
 SLEEP = 0.04
 STEPS = 40
 
@@ -65,17 +63,6 @@ def _worker(rank: int, world: int, port: int, metrics_port: int, out_dir: str) -
         dist.destroy_process_group()
 
 
-def _rules(tmp: Path) -> Path:
-    data = yaml.safe_load(RULES.read_text(encoding="utf-8"))
-    for group in data["groups"]:
-        for rule in group["rules"]:
-            if rule.get("alert") == "TrainingStraggler":
-                rule["for"] = "0s"
-    path = tmp / "gradflow-alerts.yml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
-
-
 def test_the_rank_that_sleeps_in_its_forward_is_named_although_step_times_are_equal(tmp_path: Path) -> None:
     require_binary("prometheus", "prometheus")
     base = free_port()
@@ -87,7 +74,7 @@ def test_the_rank_that_sleeps_in_its_forward_is_named_although_step_times_are_eq
         p.start()
     cfg = {"scrape_configs": [{"job_name": "gradflow", "static_configs": [{"targets": targets}]}]}
     try:
-        with PrometheusServer(cfg, rule_files=[_rules(tmp_path)]) as prom:
+        with PrometheusServer(cfg, rule_files=[rules_without_delay(tmp_path, only=["TrainingStraggler"])]) as prom:
             for rank in (0, 1):
                 deadline = time.monotonic() + 90
                 while not (tmp_path / f"rank{rank}.json").exists():

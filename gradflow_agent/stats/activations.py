@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .kinds import OutputKind
+from .sharding import is_dtensor
 
 # Per-call columns: sum and non-finite count of the whole output; sum, sum of squares, non-zero,
 # saturated and non-finite counts of the view. Then min and max of the view (folded into absmax).
@@ -123,6 +124,10 @@ class ActivationStats:
     # -- hot path -------------------------------------------------------------------------------------
     def _prepare(self, i: int, y: torch.Tensor, channels_first: bool) -> tuple | None:
         """(output, its reduced view, dims reduced per unit, kind) of one output; None when not measured."""
+        if is_dtensor(y):  # a wrapper's hooks ran after ours (until the agent re-registers them): local part
+            if any(pl.is_partial() for pl in y.placements):
+                return None  # pending sums: no local value to measure without a collective
+            y = y.to_local()
         n = y.numel()
         if n == 0 or not y.is_floating_point():
             return None

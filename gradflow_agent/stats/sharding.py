@@ -36,7 +36,9 @@ def _groups(p: torch.Tensor) -> tuple | None:
     if not is_dtensor(p):
         return None
     mesh = p.device_mesh
-    dims = [d for d, placement in enumerate(p.placements) if placement.is_shard() or placement.is_partial()]
+    # every mesh dimension the tensor is not replicated over: Shard, Partial, and FSDP2-over-TP's
+    # _StridedShard (whose is_shard() is False in torch 2.13, and which is no Shard subclass)
+    dims = [d for d, placement in enumerate(p.placements) if not placement.is_replicate()]
     if not dims:
         return None
     return tuple(mesh.get_group(d) if mesh.ndim > 1 else mesh.get_group() for d in dims)
