@@ -1,7 +1,7 @@
 """What scraping costs a training job: server time per scrape, series, and the step-time impact.
 
 For each depth (N x (Linear(64) + ReLU) blocks = 2N layers) one agent serves /metrics while the model
-trains; a scraper thread fetches /metrics at `--rate` per second during alternate blocks of steps
+trains; a scraper process fetches /metrics at `--rate` per second during alternate blocks of steps
 (A B A B ..., as bench/overhead.py does), so the ratio of the scraped blocks' median step time to the
 unscraped ones' is the impact of scraping, measured side by side in one run. Also printed: the series
 of one scrape, the server time of a scrape (request to last byte, on loopback) and its size, and the
@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import shutil
 import statistics
+import subprocess
 import sys
-import threading
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -51,23 +53,49 @@ def _scrape(url: str) -> tuple[float, int, int]:
     return seconds, len(body), series
 
 
-class Scraper(threading.Thread):
-    """Scrapes at `rate` per second while `on` is set."""
+_SCRAPER = """
+import os, sys, time, urllib.request
+url, period, flag, out = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
+headers = {"Accept": sys.argv[5], "Accept-Encoding": "gzip"}
+times = []
+while os.path.exists(flag + ".run"):
+    if not os.path.exists(flag):
+        time.sleep(0.01)
+        continue
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+        r.read()
+    times.append(time.perf_counter() - t0)
+    time.sleep(max(0.0, period - (time.perf_counter() - t0)))
+open(out, "w").write(" ".join(map(str, times)))
+"""
+
+
+class Scraper:
+    """Another process (as Prometheus is) scraping at `rate` per second while `on()`; fetches the bytes
+    only, so that the training process pays for serving the scrape and nothing else."""
 
     def __init__(self, url: str, rate: float) -> None:
-        super().__init__(daemon=True)
-        self.url, self.period = url, 1.0 / rate
-        self.on = threading.Event()
-        self.stop = False
-        self.times: list[float] = []
+        self.dir = Path(tempfile.mkdtemp(prefix="gradflow-scrape-"))
+        self.flag = self.dir / "on"
+        (self.dir / "on.run").touch()
+        self.out = self.dir / "times"
+        self.proc = subprocess.Popen([sys.executable, "-c", _SCRAPER, url, str(1.0 / rate), str(self.flag),
+                                      str(self.out), PROMETHEUS_ACCEPT])
 
-    def run(self) -> None:
-        while not self.stop:
-            if not self.on.wait(0.05):
-                continue
-            t0 = time.perf_counter()
-            self.times.append(_scrape(self.url)[0])
-            time.sleep(max(0.0, self.period - (time.perf_counter() - t0)))
+    def on(self) -> None:
+        self.flag.touch()
+
+    def off(self) -> None:
+        self.flag.unlink(missing_ok=True)
+
+    def stop(self) -> list[float]:
+        self.off()
+        (self.dir / "on.run").unlink()
+        self.proc.wait(timeout=30)
+        times = [float(t) for t in self.out.read_text().split()] if self.out.exists() else []
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return times
 
 
 def measure(layers: int, rate: float, rounds: int, steps: int) -> dict[str, float]:
@@ -93,27 +121,29 @@ def measure(layers: int, rate: float, rounds: int, steps: int) -> dict[str, floa
     try:
         block()  # warm up; publishes snapshots
         time.sleep(0.5)
-        t0 = time.perf_counter()
+        _scrape(agent.prometheus_url)  # asked for once: rendered ahead from now on
         render = agent.exporters[0].app  # the render of one snapshot, as the render thread does it
         content_type, encoder = next(iter(render._encoders.items()))
+        t0 = time.perf_counter()
         render._render(content_type, encoder)
         render_s = time.perf_counter() - t0
         one = [_scrape(agent.prometheus_url) for _ in range(5)]
         scraper = Scraper(agent.prometheus_url, rate)
-        scraper.start()
         ratios = []
-        for _ in range(rounds):
-            quiet = block()
-            scraper.on.set()
-            scraped = block()
-            scraper.on.clear()
-            ratios.append(scraped / quiet)
-        scraper.stop = True
+        try:
+            for _ in range(rounds):
+                quiet = block()
+                scraper.on()
+                scraped = block()
+                scraper.off()
+                ratios.append(scraped / quiet)
+        finally:
+            times = scraper.stop()
         return {"layers": len(agent.layers), "series": one[-1][2], "bytes": one[-1][1],
                 "scrape_ms": 1e3 * statistics.median(t for t, _, _ in one),
-                "scrape_ms_during": 1e3 * statistics.median(scraper.times) if scraper.times else float("nan"),
+                "scrape_ms_during": 1e3 * statistics.median(times) if times else float("nan"),
                 "render_ms": 1e3 * render_s, "ratio": statistics.median(ratios),
-                "ratio_min": min(ratios), "ratio_max": max(ratios), "scrapes": len(scraper.times)}
+                "ratio_min": min(ratios), "ratio_max": max(ratios), "scrapes": len(times)}
     finally:
         agent.detach()
 

@@ -56,6 +56,7 @@ from .stats.parameters import ParameterStats
 from .stats.sharding import is_dtensor, local
 
 log = logging.getLogger("gradflow_agent")
+IDLE_PERIOD = 4  # activation periods (in steps) from which the forward hooks come off between measurements
 
 # detach() returns within 2 s whatever any endpoint does: the exporters close concurrently in this budget.
 DETACH_BUDGET_SECONDS = DEFAULT_CLOSE_SECONDS
@@ -429,7 +430,10 @@ class Agent:
             self._keep_budget(t0)
             every = self._step_cfg.every
             self._computed = self.steps % every == 0
-            self.hooks.active = self.steps % (every * self.activation_every) == 0
+            period = every * self.activation_every
+            self.hooks.active = self.steps % period == 0
+            # a stretch of 3+ unmeasured steps pays for taking the hooks off and back on
+            self.hooks.idle(period >= IDLE_PERIOD and not self.hooks.active)
             for plugin in self.plugins:
                 guard(plugin.name, plugin.on_step, self)
             due = self._due()

@@ -136,6 +136,7 @@ def test_a_thousand_layers_stay_within_the_budget_and_the_whole_depth_is_visible
 def test_scrapes_serve_bytes_rendered_once_per_snapshot_off_the_training_thread(deep_agent) -> None:
     agent = deep_agent
     app = agent.exporters[0].app
+    _scrape(agent.prometheus_url, PROMETHEUS_ACCEPT, gz=True)  # scraped once: rendered ahead from now on
     agent.snapshot()
     deadline = time.monotonic() + 10
     while app._renderings and any(r.snap is not agent.latest for r in app._renderings.values()):

@@ -57,6 +57,7 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds a client has to finish the TLS handshake
 REQUEST_TIMEOUT = 30.0  # seconds a connection may sit idle before its thread lets it go
 CLOSE_TIMEOUT = 5.0  # close() without a deadline
 RENDER_WAIT = 2.0  # seconds a scrape waits for the render thread to finish the latest snapshot
+RENDER_AHEAD_FOR = 600.0  # seconds a format is rendered ahead after it was last scraped
 
 
 # -- collection -------------------------------------------------------------------------------------------
@@ -230,9 +231,11 @@ class _Rendering:
 class _MetricsApp:
     """/metrics from bytes rendered once per snapshot on the render thread (see the module docstring).
 
-    A scrape looks up the rendering of its content type and appends the live error counter. Until the
-    render thread has rendered a new snapshot, scrapes get the previous one (consistent, one interval
-    old at most); only the very first scrape of a new content type renders on the server's thread.
+    A scrape looks up the rendering of its content type and appends the live error counter. A scrape
+    just after a snapshot waits (up to RENDER_WAIT) for the render thread to finish it, else it gets
+    the previous one. Only the first scrape of a content type renders on the server's thread; from
+    then on that format is rendered ahead for every snapshot while it keeps being scraped
+    (RENDER_AHEAD_FOR), so a job nobody scrapes spends nothing on rendering.
     Anything but a plain GET (OPTIONS, POST, `name[]` filters, /favicon.ico) goes to the stock app.
     """
 
@@ -249,10 +252,8 @@ class _MetricsApp:
         self._lock = threading.Lock()
         self._rendered = threading.Condition(self._lock)  # notified after each rendering
         self._renderings: dict[str, _Rendering] = {}
-        self._encoders: dict[str, Callable] = {}
-        for accept in (None, PROMETHEUS_ACCEPT):  # rendered ahead from the first snapshot on
-            encoder, content_type = choose_encoder(accept)
-            self._encoders[content_type] = encoder
+        self._encoders: dict[str, Callable] = {}  # content type -> encoder, for every format asked for
+        self._asked: dict[str, float] = {}  # content type -> when it was last asked for (monotonic)
         self.renders = 0  # renderings made (a test reads it: one per snapshot and format)
         self._wake = threading.Event()
         self._stop = False
@@ -270,8 +271,9 @@ class _MetricsApp:
             self._wake.clear()
             if self._stop:
                 return
-            with self._lock:
-                formats = dict(self._encoders)
+            now = time.monotonic()
+            with self._lock:  # only formats someone scraped lately: an unscraped job renders nothing
+                formats = {t: e for t, e in self._encoders.items() if now - self._asked[t] < RENDER_AHEAD_FOR}
             for content_type, encoder in formats.items():
                 try:
                     self._render(content_type, encoder)
@@ -315,8 +317,9 @@ class _MetricsApp:
         compress = gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING"))
         with self._lock:
             rendering = self._renderings.get(content_type)
-            if content_type not in self._encoders and len(self._encoders) < self.MAX_FORMATS:
-                self._encoders[content_type] = encoder  # rendered ahead for every later snapshot
+            if content_type in self._encoders or len(self._encoders) < self.MAX_FORMATS:
+                self._encoders[content_type] = encoder  # rendered ahead for the next snapshots
+                self._asked[content_type] = time.monotonic()
         latest = self.collector.agent.latest
         if rendering is not None and rendering.snap is not latest:
             rendering = self._wait_for(content_type, latest) or rendering
