@@ -40,7 +40,6 @@ from .config import ConfigError, Section, check_runtime, load_config
 from .detect import diagnose
 from .errors import ErrorCounter
 from .export import build_exporters
-from .export.budget import identical_across_ranks, world_size
 from .export.flight import extra_ring_rows
 from .export.flight import wanted as flight_wanted
 from .export.worker import DEFAULT_CLOSE_SECONDS
@@ -53,7 +52,7 @@ from .stats.nonfinite import NonfiniteOrigin
 from .stats.output_grads import OutputGradStats
 from .stats.pace import ForwardClock
 from .stats.parameters import ParameterStats
-from .stats.sharding import is_dtensor, local
+from .stats.sharding import identical_across_ranks, is_dtensor, local, world_size
 
 log = logging.getLogger("gradflow_agent")
 IDLE_PERIOD = 4  # activation periods (in steps) from which the forward hooks come off between measurements

@@ -290,9 +290,10 @@ class HookManager(HandleSet):
         self._idle = False
 
     def _detach_forward(self) -> None:
+        gone = set(map(id, self._forward_handles))
         for handle in self._forward_handles:
             handle.remove()
-            self._handles.remove(handle)
+        self._handles = [h for h in self._handles if id(h) not in gone]  # one pass, not a remove() per hook
         self._forward_handles = []
 
     def reattach_forward(self) -> None:

@@ -27,11 +27,9 @@ def config(**sections) -> dict:
 
 
 @pytest.fixture(autouse=True)
-def _flight_bundles_in_tmp(request, tmp_path_factory, monkeypatch):
-    """The flight recorder is on by default: tests that plant NaN write their bundles under tmp (the
-    recorder's own tests choose their directories)."""
-    if request.module.__name__.split(".")[-1] != "test_flight":
-        monkeypatch.setenv("GRADFLOW_FLIGHT_RECORDER_DIRECTORY", str(tmp_path_factory.mktemp("flight")))
+def _flight_bundles_in_tmp(tmp_path_factory, monkeypatch):
+    """The flight recorder is on by default: tests that plant NaN write their bundles under tmp."""
+    monkeypatch.setenv("GRADFLOW_FLIGHT_RECORDER_DIRECTORY", str(tmp_path_factory.mktemp("flight")))
     yield
 
 

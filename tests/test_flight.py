@@ -22,6 +22,13 @@ from gradflow_agent.export.flight import is_bundle, read_bundle
 from tests.conftest import QUIET, config
 from tests.conftest import train as _train
 
+
+@pytest.fixture(autouse=True)
+def _directories_from_the_config(monkeypatch):
+    """These tests choose the recorder's directory in their configs: no environment override (conftest)."""
+    monkeypatch.delenv("GRADFLOW_FLIGHT_RECORDER_DIRECTORY", raising=False)
+    yield
+
 NAN_STEP = 13
 NAN_LAYER = "2"
 KEEP = 8  # flight_recorder.steps

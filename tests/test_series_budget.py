@@ -330,3 +330,22 @@ def test_named_layers_selection_unit() -> None:
     assert {0, n - 1, 123, 300} <= set(chosen)  # ends, the worst pressure, the critical issue
     assert {n - 2, n - 3} <= set(chosen)  # the largest pressures
     assert named_layers(snap, Budget()) == list(range(n))
+
+
+def test_a_job_nobody_scrapes_renders_nothing_and_the_first_scrape_is_current() -> None:
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    agent = gradflow_agent.attach(model, config(exporters={"prometheus": {"enabled": True, "port": 0,
+                                                                          "addr": "127.0.0.1"}}), optimizer=opt)
+    try:
+        app = agent.exporters[0].app
+        for _ in range(3):
+            _train(model, opt, agent, steps=2)
+            agent.snapshot()
+        time.sleep(0.3)
+        assert app.renders == 0  # published three times, scraped never: nothing rendered
+        lines = _series(_scrape(agent.prometheus_url)[0])
+        assert _value(lines, "gradflow_steps_total") == [6.0]  # the latest snapshot, rendered on demand
+        assert app.renders == 1
+    finally:
+        agent.detach()

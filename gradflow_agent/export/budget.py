@@ -6,9 +6,9 @@ Three views are exported:
 
 - **named layers**: every per-layer series (statistics, health, issues, non-finite counts, info) for
   all layers while `layers x PER_LAYER_SERIES` fits the budget; beyond it, for a chosen set: the first
-  and the last layer, the `worst_k` worst layers of every statistic a rule judges (in the direction
-  the rule judges it), then the layers with an active issue, most severe first, until the budget is
-  spent;
+  and the last layer, the layers with an active issue (most severe first) and the `worst_k` worst
+  layers of every statistic a rule judges (in the direction the rule judges it), until the budget is
+  spent (`named_layers`);
 - **the depth profile** (`gradflow_depth_profile{statistic, agg, bin}`): every statistic a rule
   judges, reduced over contiguous depth bins in the direction that rule judges it (min for "below",
   max for "above"), over ALL layers, always exported: a vanishing first block and an exploding last
@@ -30,6 +30,7 @@ import numpy as np
 
 from ..detect.spec import RULES, severity_rank
 from ..snapshot import LAYER_STATS, NONFINITE_TENSORS, Snapshot
+from ..stats.sharding import world_size
 
 #: Series one named layer can cost: its statistics gauges, health, non-finite counters and info.
 PER_LAYER_SERIES = len(LAYER_STATS) - 1 + 1 + len(NONFINITE_TENSORS) + 1
@@ -89,19 +90,6 @@ class Budget:
         return self.series // PER_LAYER_SERIES if self.series else 0
 
 
-def identical_across_ranks(sharded: bool, per_rank: str) -> bool:
-    """Do all ranks hold the same layers, so that their statistics can be combined and exported once?
-    `per_rank: false` says so; `auto` knows it for sharded (FSDP2/DTensor) runs. Under DDP the agent
-    cannot tell data parallelism from a pipeline whose ranks hold different layers: set `false` there."""
-    return per_rank == "false" or (per_rank == "auto" and sharded)
-
-
-def world_size() -> int:
-    """Processes of the job (1 outside torch.distributed)."""
-    import torch.distributed as dist
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _values(snap: Snapshot, statistic: str) -> np.ndarray | None:
     if statistic == "health":
         return None if snap.health is None else np.asarray(snap.health, dtype=float)
@@ -121,31 +109,34 @@ def _worst(values: np.ndarray, agg: str, k: int) -> list[int]:
 
 
 def named_layers(snap: Snapshot, budget: Budget) -> list[int]:
-    """Indices (in depth order) of the layers exported by name: all of them while they fit the budget."""
+    """Indices (in depth order) of the layers exported by name: all of them while they fit the budget.
+
+    Beyond it: both ends; the flagged layers, most severe first, leaving room for the worst layers of
+    every judged statistic; those worst layers; then the remaining flagged ones, up to the cap."""
     n = len(snap.layers)
     cap = budget.max_named
     if not cap or n <= cap:
         return list(range(n))
-    chosen: dict[int, None] = {}
-
-    def add(i: int) -> None:
-        if len(chosen) < cap:
-            chosen.setdefault(i, None)
-
-    add(0)
-    add(n - 1)
+    worst: dict[int, None] = {}
     for statistic, aggs in DIRECTIONS.items():
         values = _values(snap, statistic)
         if values is None or len(values) != n:
             continue
         for agg in aggs:
-            for i in _worst(values, agg, budget.worst_k):
-                add(i)
+            worst.update(dict.fromkeys(_worst(values, agg, budget.worst_k)))
     index = {name: i for i, name in enumerate(snap.layers)}
-    for issue in sorted(snap.issues, key=lambda x: -severity_rank(x.severity)):
-        i = index.get(issue.layer)
-        if i is not None:
-            add(i)
+    flagged = [index[i.layer] for i in sorted(snap.issues, key=lambda x: -severity_rank(x.severity))
+               if i.layer in index]
+    chosen: dict[int, None] = dict.fromkeys((0, n - 1)) if cap > 1 else {0: None}
+    reserve = min(len(worst), cap // 2)
+    for i in flagged:
+        if len(chosen) >= cap - reserve:
+            break
+        chosen.setdefault(i, None)
+    for i in (*worst, *flagged):
+        if len(chosen) >= cap:
+            break
+        chosen.setdefault(i, None)
     return sorted(chosen)
 
 

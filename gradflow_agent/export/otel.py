@@ -38,7 +38,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from .. import __version__
 from .budget import Budget
 from .metrics import ALL, samples
-from .worker import ABORT_MARGIN, SocketAborter, close_at_exit, closed, resolve_deadline
+from .worker import ABORT_MARGIN, SocketAborter, begin_close, close_at_exit
 
 DEFAULT_SERVICE_NAME = "gradflow-agent"  # exporters.otel.service_name in default.yaml
 _SHUTDOWN_RESERVE = 0.1  # seconds of a close kept for the SDK's shutdown (thread joins, no network)
@@ -266,12 +266,9 @@ class OtelExporter:
         the end of the flush's share a request still blocked is ended by shutting its socket down, and
         every thread is joined by the deadline. A flush that fails or runs out of time is an "otel" error.
         """
-        with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
-        closed(self)
-        deadline = resolve_deadline(deadline)
+        deadline = begin_close(self, deadline)
+        if deadline is None:
+            return
         end = deadline - ABORT_MARGIN
         flush_end = end - min(_SHUTDOWN_RESERVE, max(0.0, end - time.monotonic()) / 4)
         try:

@@ -17,7 +17,9 @@ Names (the same in every bridge; `<layer>` is the module's qualified name):
 At most `max_layers` layers are written per statistic and snapshot: the layers with active issues first
 (critical before warning), then the lowest health scores, then the layers written last time (so the set
 changes only when something gets worse), then model order. `run/layers_not_shown` counts the rest, so a
-layer left out never reads as healthy.
+layer left out never reads as healthy. This is deliberately not the Prometheus series budget's choice
+(export/budget.py): a tracker keeps every name it was ever sent, so the set written must stay stable
+from one snapshot to the next, where the budget follows the worst layers of each snapshot.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._optional import require
+from ..detect.spec import severity_rank
 from ..snapshot import Snapshot
 from .metrics import LAYER_GAUGES
 
-SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
 # Run counters written as run/<key>: bounded, and what a person on call compares with the loss curve.
 RUN_COUNTERS = ("steps_total", "overhead_seconds_total", "layers", "layers_skipped", "optimizer_steps_skipped_total",
                 "activation_every_steps", "overhead_ratio", "grad_scale")
@@ -80,12 +82,12 @@ class BridgeView:
         n = len(snap.layers)
         if n <= self.max_layers:
             return list(range(n))
-        severity = {}
+        severity: dict[str, int] = {}  # layer -> its worst issue, most severe lowest
         for issue in snap.issues:
-            rank = SEVERITY_RANK.get(issue.severity, len(SEVERITY_RANK))
+            rank = -severity_rank(issue.severity)
             severity[issue.layer] = min(rank, severity.get(issue.layer, rank))
         health = snap.health if snap.health is not None else np.full(n, np.nan)
-        none = len(SEVERITY_RANK) + 1
+        none = 1  # no issue: after every severity
 
         def rank(i: int) -> tuple:
             name = snap.layers[i]

@@ -49,6 +49,17 @@ def closed(sink) -> None:
     _open_sinks.discard(sink)
 
 
+def begin_close(sink, deadline: float | None) -> float | None:
+    """The first close() of `sink` (which has `_close_lock` and `_closed`): marks it closed and returns the
+    absolute deadline to finish by; None for every later call (close is idempotent)."""
+    with sink._close_lock:
+        if sink._closed:
+            return None
+        sink._closed = True
+    closed(sink)
+    return resolve_deadline(deadline)
+
+
 @atexit.register
 def _close_open_sinks() -> None:
     """At exit: close every sink still open, concurrently, by one deadline (DEFAULT_CLOSE_SECONDS)."""
@@ -201,12 +212,9 @@ class BackgroundSink:
         The queue is drained while time remains, then `sink.close(deadline)` runs on the worker thread.
         Just before the deadline a still-busy sink is aborted (its blocked requests end) and joined.
         """
-        with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
-        closed(self)
-        deadline = resolve_deadline(deadline)
+        deadline = begin_close(self, deadline)
+        if deadline is None:
+            return
         try:
             self._deadline = deadline
             self._stop.set()

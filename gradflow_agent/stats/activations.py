@@ -351,7 +351,8 @@ class ActivationStats:
         """Make this interval's reductions those of every rank of a data-parallel job (called at the
         snapshot, which every rank reaches at the same step): sums and counts are added, maxima taken,
         and a unit fired if it fired on any rank. Two or three collectives per snapshot, whatever the
-        depth; afterwards every rank holds the job's activation statistics, exported once."""
+        depth, and one host read of the combined host-side sums (the snapshot synchronises anyway);
+        afterwards every rank holds the job's activation statistics, exported once."""
         import torch.distributed as dist
         self.fold()
         n = len(self.kinds)

@@ -72,3 +72,16 @@ class ShardSums:
                 dist.all_reduce(part, group=group)
             out.index_copy_(-1, cols, part)
         return out
+
+
+def identical_across_ranks(sharded: bool, per_rank: str) -> bool:
+    """Do all ranks hold the same layers, so that their statistics can be combined and exported once?
+    `per_rank: false` says so; `auto` knows it for sharded (FSDP2/DTensor) runs. Under DDP the agent
+    cannot tell data parallelism from a pipeline whose ranks hold different layers: set `false` there."""
+    return per_rank == "false" or (per_rank == "auto" and sharded)
+
+
+def world_size() -> int:
+    """Processes of the job (1 outside torch.distributed)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from gradflow_agent.alerting.rules import ALERTS
-from tests.support.prometheus import PrometheusServer, free_port, require_binary
+from tests.support.prometheus import PrometheusServer, free_port, require_binary, rules_without_delay
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy/prometheus/rules/gradflow-alerts.yml"
@@ -85,19 +85,6 @@ class Stack:
         """Series of `expr` that had a sample at any time since the stack started."""
         window = max(1, int(time.time() - self.start) + 5)
         return self.prometheus.query(f"max_over_time(({expr})[{window}s:1s])")
-
-
-def _e2e_rules(tmp: Path) -> Path:
-    """The shipped rule file with short `for:` durations (see the module docstring)."""
-    data = yaml.safe_load(RULES.read_text(encoding="utf-8"))
-    for group in data["groups"]:
-        for rule in group["rules"]:
-            if "alert" in rule:
-                # TrainingHung keeps its own timing: the demos linger without stepping by design
-                rule["for"] = {"GradflowAgentDown": "5s", "TrainingHung": rule["for"]}.get(rule["alert"], "0s")
-    path = tmp / "gradflow-alerts-e2e.yml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
 
 
 def _alertmanager_config(webhook_url: str) -> dict[str, Any]:
@@ -202,7 +189,10 @@ def stack():
             "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": sorted(instances.values())}]}],
             "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]},
         }
-        prometheus = PrometheusServer(config, rule_files=[_e2e_rules(tmp)]).start()
+        # the shipped rules, `for:` -> 0s (5s for GradflowAgentDown; TrainingHung keeps its own: the demos
+        # linger without stepping by design)
+        rules = rules_without_delay(tmp, keep=("TrainingHung",), durations={"GradflowAgentDown": "5s"})
+        prometheus = PrometheusServer(config, rule_files=[rules]).start()
         start = time.time()
         stack = Stack(prometheus, instances, start, _Webhook, logs)
         try:

@@ -234,15 +234,19 @@ SHIPPED_RULES = Path(__file__).resolve().parents[2] / "deploy/prometheus/rules/g
 
 
 def rules_without_delay(tmp: Path, only: Iterable[str] | None = None,
-                        keep: Iterable[str] = ("TrainingHung", "GradflowAgentDown")) -> Path:
-    """The shipped rule file with `for:` -> 0s (for the alerts in `only`, or all but `keep`): tests see an
-    alert fire at once; the shipped durations are pinned by the promtool unit tests."""
+                        keep: Iterable[str] = ("TrainingHung", "GradflowAgentDown"),
+                        durations: Mapping[str, str] | None = None) -> Path:
+    """The shipped rule file with `for:` -> 0s (for the alerts in `only`, or all but `keep`; `durations`:
+    other values by alert name): tests see an alert fire at once; the shipped durations are pinned by the
+    promtool unit tests."""
     data = yaml.safe_load(SHIPPED_RULES.read_text(encoding="utf-8"))
-    chosen, kept = (set(only) if only is not None else None), set(keep)
+    chosen, kept, durations = (set(only) if only is not None else None), set(keep), dict(durations or {})
     for group in data["groups"]:
         for rule in group["rules"]:
             name = rule.get("alert")
-            if name and (name in chosen if chosen is not None else name not in kept):
+            if name in durations:
+                rule["for"] = durations[name]
+            elif name and (name in chosen if chosen is not None else name not in kept):
                 rule["for"] = "0s"
     path = tmp / "gradflow-alerts.yml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
