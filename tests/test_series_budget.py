@@ -310,6 +310,24 @@ def test_a_global_prometheus_federating_the_per_run_series_fires_the_same_alerts
             assert not raw, "the global Prometheus should hold only the per-run recorded series"
 
 
+def test_remote_write_ships_only_the_per_run_series_to_a_long_term_store(deep_agent, tmp_path: Path) -> None:
+    """deploy/prometheus/federation/remote-write.yml, pointed at a second Prometheus that accepts remote
+    write: the per-run recorded series arrive there, the raw per-layer ones do not."""
+    require_binary("prometheus", "prometheus")
+    shipped = yaml.safe_load((ROOT / "deploy/prometheus/federation/remote-write.yml").read_text(encoding="utf-8"))
+    with PrometheusServer({}, extra_args=["--web.enable-remote-write-receiver"]) as store:
+        remote = shipped["remote_write"][0]
+        remote["url"] = f"{store.url}/api/v1/write"
+        remote.setdefault("queue_config", {})["batch_send_deadline"] = "1s"
+        local = {"scrape_configs": [{"job_name": "gradflow",
+                                     "static_configs": [{"targets": [deep_agent.prometheus_url.split("/")[2]]}]}],
+                 "remote_write": [remote]}
+        with PrometheusServer(local, rule_files=[rules_without_delay(tmp_path)]):
+            store.wait_until(lambda: store.query('job_run:gradflow_issue_layers:max{kind="vanishing"} > 0'),
+                             timeout=40, what="the per-run series at the long-term store")
+            assert not store.query('{__name__=~"gradflow_.+"}'), "raw per-layer series left the cluster"
+
+
 def test_named_layers_selection_unit() -> None:
     import numpy as np
 
