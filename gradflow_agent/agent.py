@@ -44,6 +44,7 @@ from .export.flight import extra_ring_rows
 from .export.flight import wanted as flight_wanted
 from .export.worker import DEFAULT_CLOSE_SECONDS
 from .hooks import HookManager, add_module_hook, reset_compiled_code, select_layers, unwrap_optimizer
+from .overhead import OverheadBudget
 from .snapshot import LAYER_STATS, Snapshot
 from .stats.activations import ActivationStats
 from .stats.engine import model_device, transfer
@@ -86,11 +87,41 @@ def _distributed() -> tuple[int, int]:
 
 
 def _fingerprint(params: list[nn.Parameter]) -> torch.Tensor | None:
-    """A few elements of every parameter: tells whether the weights moved between two backward passes."""
+    """A few elements of every parameter, on their device: tells whether the weights moved between two
+    backward passes."""
     with torch.no_grad():
         parts = [t.detach().reshape(-1)[:: max(1, t.numel() // 8)].float()
                  for t in map(local, params) if t.numel()]
-        return torch.cat(parts).cpu() if parts else None
+        return torch.cat(parts) if parts else None
+
+
+class _WeightsMoved:
+    """Did the weights move between two backward passes (weights updated without torch.optim)?
+
+    On the CPU the answer is read at once. On CUDA the comparison is copied back without blocking, and
+    read at a later backward end once its copy has landed (an event query): the boundary is found a step
+    or two later, with no host synchronisation."""
+
+    def __init__(self) -> None:
+        self._last: torch.Tensor | None = None
+        self._landing: list[tuple[torch.Tensor, Any]] = []  # (pinned host flag, event after its copy)
+
+    def __call__(self, params: list[nn.Parameter]) -> bool:
+        now, last = _fingerprint(params), self._last
+        self._last = now
+        if now is None or last is None or now.shape != last.shape:
+            return False
+        if now.device.type != "cuda":
+            return not torch.equal(now.cpu(), last.cpu())
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_((now != last).any(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(now.device))
+        self._landing.append((flag, event))
+        moved = False
+        while self._landing and self._landing[0][1].query():
+            moved = bool(self._landing.pop(0)[0]) or moved
+        return moved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +134,6 @@ class _StepConfig:
     every: int
     export_steps: int
     export_seconds: float
-    budget: float
 
 
 class Agent:
@@ -155,6 +185,9 @@ class Agent:
         L = len(self.layers)
         every = cfg.sampling.every_n_steps
         self._param_every = every * cfg.stats.parameters.every_n_steps
+        # the overhead budget: stretches the activation (then parameter) cadence to keep the agent's share
+        self.budget = OverheadBudget(cfg.sampling.overhead_budget, activation_period=cfg.sampling.every_n_steps,
+                                     parameter_period=self._param_every if cfg.stats.parameters.enabled else 0)
         self._ring_rows = max(cfg.sampling.window, math.ceil(cfg.sampling.export_every_n_steps / every)) + 1
         self._ring_rows += extra_ring_rows(cfg, self.rank)  # the steps the flight recorder keeps before a trigger
         self.flight = None  # the flight recorder (export/flight.py), set by build_exporters when on
@@ -185,10 +218,7 @@ class Agent:
         self._latest: Snapshot | None = None
         self.boundary = "optimizer" if optimizer is not None else "unknown"
         self._computed = True  # gradients are read on this step (sampling.every_n_steps)
-        self.activation_every = 1  # activations on every k-th computed step (the overhead budget)
-        self.overhead_ratio = 0.0  # the agent's share of the step time (moving average)
-        self._budget_clock = (time.perf_counter(), 0.0)
-        self._last_fingerprint: torch.Tensor | None = None
+        self._weights_moved = _WeightsMoved()
 
         output_grads = cfg.stats.gradients.enabled and cfg.stats.gradients.output_grads
         activations = cfg.stats.activations.enabled
@@ -245,6 +275,8 @@ class Agent:
         self.combined = world_size() > 1 and identical_across_ranks(
             self.sharded, str(self.config.exporters.prometheus.per_rank))
         self.collective_snapshots = self.sharded or self.combined  # snapshot steps agreed between the ranks
+        # the ranks' sharded parameter squares meet in one collective: every rank measures on the same steps
+        self.budget.stretch_parameters = not self.collective_snapshots
         self._next_sync_step = getattr(self, "steps", 0) + min(self.config.sampling.export_every_n_steps, 10)
         if getattr(self, "hooks", None) is not None:
             self.hooks.rebind(self._all_params)
@@ -319,11 +351,15 @@ class Agent:
     def _step_cfg(self) -> _StepConfig:
         c = self.config
         return _StepConfig(c.stats.parameters.enabled, c.stats.gradients.enabled, c.sampling.every_n_steps,
-                           c.sampling.export_every_n_steps, c.sampling.export_every_seconds,
-                           c.sampling.overhead_budget)
+                           c.sampling.export_every_n_steps, c.sampling.export_every_seconds)
 
     def _param_due(self, step: int) -> bool:
-        return self._step_cfg.parameters and step % self._param_every == 0
+        return self._step_cfg.parameters and step % (self._param_every * self.budget.parameters) == 0
+
+    @property
+    def activation_every(self) -> int:
+        """Activations are measured on every k-th computed step (k raised by the overhead budget)."""
+        return self.budget.activations
 
     def _read_gradients(self) -> None:
         if self.hooks.active:
@@ -358,13 +394,8 @@ class Agent:
 
     def _backward_ended(self) -> None:
         """End of a backward pass (autograd callback): a boundary when weights are updated by hand."""
-        if self.boundary == "unknown" and not self._closed:
-            fingerprint = _fingerprint(self._all_params)
-            moved = self._last_fingerprint is not None and fingerprint is not None and \
-                not torch.equal(fingerprint, self._last_fingerprint)
-            self._last_fingerprint = fingerprint
-            if moved:
-                self._set_boundary("backward")
+        if self.boundary == "unknown" and not self._closed and self._weights_moved(self._all_params):
+            self._set_boundary("backward")
         if self.boundary == "backward" and not self._closed:
             self._read_gradients()
             self._boundary()
@@ -426,7 +457,8 @@ class Agent:
             if self._step_cfg.parameters:
                 guard("parameters", self._parameter_boundary)
             self.origin.step = self.steps + 1  # the next step's forward and backward
-            self._keep_budget(t0)
+            if self.budget.step_ended(t0, self._overhead + self.hooks.overhead):
+                self._cadence_changed()
             every = self._step_cfg.every
             self._computed = self.steps % every == 0
             period = every * self.activation_every
@@ -444,22 +476,14 @@ class Agent:
                 self._publish(self._snapshot())
         self._overhead += time.perf_counter() - t0
 
-    def _keep_budget(self, now: float) -> None:
-        """Hold the agent's share of the step time under `sampling.overhead_budget` by measuring
-        activations on fewer steps; a moving average over steps, re-judged every 32 steps."""
-        budget = self._step_cfg.budget
-        spent = self._overhead + self.hooks.overhead
-        step_time, own = now - self._budget_clock[0], spent - self._budget_clock[1]
-        self._budget_clock = (now, spent)
-        if step_time <= 0:
-            return
-        self.overhead_ratio += 0.1 * (min(own / step_time, 1.0) - self.overhead_ratio)
-        if not budget or self.steps % 32:
-            return
-        if self.overhead_ratio > budget and self.activation_every < 64:
-            self.activation_every *= 2
-        elif self.overhead_ratio < budget / 4 and self.activation_every > 1:
-            self.activation_every //= 2
+    def _cadence_changed(self) -> None:
+        """The overhead budget changed a cadence: the parameter sample is retaken now when the next step is
+        due under the new cadence (coming down to every step, it would otherwise measure no ratio there),
+        and dropped when it is not (it is retaken the step before the next due one)."""
+        if self._step_cfg.parameters:
+            self.param.drop_before()
+            if self._param_due(self.steps + 1):
+                self.errors.guard("parameters", self.param.take_before)
 
     def _due(self) -> bool:
         """Is a snapshot due after this step? With sharded parameters (or activations combined over the
@@ -582,7 +606,9 @@ class Agent:
             "layers_skipped": float(self.layers_skipped),
             "optimizer_steps_skipped_total": float(self.skipped_optimizer_steps),
             "activation_every_steps": float(self.activation_every * self.config.sampling.every_n_steps),
-            "overhead_ratio": float(self.overhead_ratio),
+            "parameter_every_steps": float(self._param_every * self.budget.parameters
+                                           if self._step_cfg.parameters else 0),
+            "overhead_ratio": float(self.budget.current_share),
         }
         if scale_host:
             counters["grad_scale"] = float(scale_host[0][0])

@@ -364,12 +364,15 @@ def overview(th: Section) -> db.Dashboard:
                          "average), which it keeps under sampling.overhead_budget.", "percentunit",
                          [_query(f"max by (run, rank) (gradflow_agent_overhead_ratio{{{RUN_SEL}}})", RUN_LEGEND)],
                          span=8, min_val=0))
-    d = d.with_panel(_ts(p, "Activation cadence",
-                         "Activations are measured on every n-th step: the agent raises n while its share of "
-                         "the step time stays above sampling.overhead_budget (gradients stay on every step).",
+    d = d.with_panel(_ts(p, "Statistics cadence",
+                         "Activations (then parameters) are measured on every n-th step: the agent raises n "
+                         "while its share of the step time stays above sampling.overhead_budget (gradients "
+                         "stay on every step).",
                          "short",
                          [_query(f"max by (run, rank) (gradflow_agent_activation_every_steps{{{RUN_SEL}}})",
-                                 RUN_LEGEND)], span=8, min_val=0))
+                                 "activations " + RUN_LEGEND),
+                          _query(f"max by (run, rank) (gradflow_agent_parameter_every_steps{{{RUN_SEL}}})",
+                                 "parameters " + RUN_LEGEND, "B")], span=8, min_val=0))
     d = d.with_panel(_ts(p, "Agent errors",
                          "Errors the agent caught and survived, by component (an exporter that cannot "
                          "push, a hook that failed). Non-zero means some statistics may be missing.",

@@ -101,8 +101,13 @@ RUN_METRICS = {
     "activation_every_steps": Metric("gradflow_agent_activation_every_steps", "gauge",
                                      "Activations are measured on every n-th step (raised by the agent to keep "
                                      "sampling.overhead_budget)."),
+    "parameter_every_steps": Metric("gradflow_agent_parameter_every_steps", "gauge",
+                                    "Parameter norms and update ratios are measured on every n-th step (raised "
+                                    "by the agent, after the activation cadence, to keep "
+                                    "sampling.overhead_budget; 0: off)."),
     "overhead_ratio": Metric("gradflow_agent_overhead_ratio", "gauge",
-                             "The agent's share of the training step time (moving average).", "1"),
+                             "The agent's share of the training step time, over its last judgment window "
+                             "(8-64 steps).", "1"),
     "grad_scale": Metric("gradflow_grad_scale", "gauge", "The GradScaler's loss scale (AMP), when one is given."),
     "forward_seconds": Metric("gradflow_forward_seconds", "gauge",
                               "Mean wall time of the model's forward pass per step on this rank over the "

@@ -38,7 +38,7 @@ from .metrics import LAYER_GAUGES
 
 # Run counters written as run/<key>: bounded, and what a person on call compares with the loss curve.
 RUN_COUNTERS = ("steps_total", "overhead_seconds_total", "layers", "layers_skipped", "optimizer_steps_skipped_total",
-                "activation_every_steps", "overhead_ratio", "grad_scale")
+                "activation_every_steps", "parameter_every_steps", "overhead_ratio", "grad_scale")
 LAYER_KEYS = (*LAYER_GAUGES, "health_score")
 MAX_ISSUE_LINES = 50  # lines of one issue text before "... and N more"
 _UNSAFE = re.compile(r"[^\w./\- :]")  # characters MLflow refuses in a metric name; TensorBoard and W&B accept these

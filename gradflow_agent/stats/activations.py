@@ -30,6 +30,7 @@ import math
 import numpy as np
 import torch
 
+from .engine import device_index
 from .kinds import OutputKind
 from .sharding import is_dtensor
 
@@ -108,7 +109,6 @@ class ActivationStats:
         self._zero = torch.zeros((), dtype=torch.float32, device=device)
         self._pending: list[torch.Tensor] = []
         self._pending_idx: list[int] = []
-        self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
         # dead units: per ReLU-family layer, the max output of each unit over the current window
         self._unit_max: dict[int, torch.Tensor] = {}
         self._unit_steps = 0
@@ -324,12 +324,7 @@ class ActivationStats:
         """Add the pending per-call reductions into the device buffers: one stack, two indexed ops."""
         if not self._pending_idx:
             return
-        key = tuple(self._pending_idx)
-        idx = self._idx_cache.get(key)
-        if idx is None:
-            idx = torch.tensor(key, dtype=torch.long, device=self.device)
-            if len(self._idx_cache) < 64:
-                self._idx_cache[key] = idx
+        idx = device_index(self._pending_idx, self.device)
         v = torch.stack(self._pending).view(-1, N_COLS + 2).double()
         self._pending, self._pending_idx = [], []
         self.acc.index_add_(0, idx, _columns(v))

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .engine import device_index
+
 # Per-layer columns of the device buffer: sum of row entropies, rows, sum of row max probabilities, sum of
 # per-call head diversities, calls with a diversity.
 COLS = ("entropy_sum", "rows", "max_prob_sum", "diversity_sum", "diversity_calls")
@@ -56,23 +58,6 @@ def _strided(n: int, limit: int | None, *, from_end: bool = False) -> list[int]:
     return sorted(idx)
 
 
-class _Index:
-    """Device index tensors per (length, limit, device): created once, so a call adds no host->device copy."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple, torch.Tensor] = {}
-
-    def get(self, idx: list[int], device: torch.device) -> torch.Tensor:
-        key = (tuple(idx), device)
-        t = self._cache.get(key)
-        if t is None:
-            if len(self._cache) > 256:
-                self._cache.clear()
-            t = self._cache[key] = torch.tensor(idx, dtype=torch.long, device=device)
-        return t
-
-
-_INDEX = _Index()
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
@@ -90,7 +75,7 @@ def _select(t: torch.Tensor, dim: int, idx: list[int], full: int) -> torch.Tenso
     """Rows `idx` of `t` along `dim` when that dim has the full size (a broadcast dim of 1 stays)."""
     if t.shape[dim] == 1 or len(idx) == full:
         return t
-    return t.index_select(dim, _INDEX.get(idx, t.device))
+    return t.index_select(dim, device_index(idx, t.device))
 
 
 def _rows_of(m: torch.Tensor, bi: list[int], hi: list[int], qi: list[int], B: int, Hq: int, L: int, S: int
@@ -126,7 +111,7 @@ def sample_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | No
         qs = _select(_select(_select(q, 0, bi, B), 1, hi, Hq), 2, qi, L)
         kv = [h // (Hq // Hk) for h in hi]
         ks = _select(k, 0, bi, B) if Bk == B else k[:1]
-        ks = ks if kv == list(range(Hk)) else ks.index_select(1, _INDEX.get(kv, k.device))
+        ks = ks if kv == list(range(Hk)) else ks.index_select(1, device_index(kv, k.device))
         scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
         scores = torch.matmul(qs.float(), ks.float().transpose(-1, -2)) * scale  # (b, h, l, S)
         if softcap:
@@ -142,7 +127,7 @@ def sample_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | No
                 valid = valid & (m > torch.finfo(m.dtype).min / 2)
                 scores = scores + torch.where(valid, m.float(), 0.0)
         if is_causal or sliding_window:
-            qpos = _INDEX.get(qi, scores.device).unsqueeze(-1)
+            qpos = device_index(qi, scores.device).unsqueeze(-1)
             kpos = torch.arange(S, device=scores.device).unsqueeze(0)
             if is_causal:
                 valid = valid & (kpos <= qpos)

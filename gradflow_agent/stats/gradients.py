@@ -20,6 +20,7 @@ import sys
 import numpy as np
 import torch
 
+from .engine import device_index
 from .sharding import ShardSums, local
 
 
@@ -109,7 +110,7 @@ class GradientStats:
                 if len(present) == len(grads):
                     row.copy_(norms)
                 else:
-                    row.index_copy_(0, torch.tensor(present, device=self.device), norms.float())
+                    row.index_copy_(0, device_index(present, self.device), norms.float())
             if count_zeros:
                 self._count_nonzero(dense, present)
         self.filled = min(self.filled + 1, self.ring.shape[0])
@@ -125,7 +126,7 @@ class GradientStats:
             self.nonzero += nz
             self.counted += self._numel
         else:
-            idx = torch.tensor(list(present), dtype=torch.long, device=self.device)
+            idx = device_index(present, self.device)
             self.nonzero.index_add_(0, idx, nz)
             self.counted.index_add_(0, idx, self._numel[idx])
 
@@ -137,9 +138,10 @@ class GradientStats:
         if full:
             self.nonfinite += bad
         else:
-            self.nonfinite.index_add_(0, torch.tensor(list(present), dtype=torch.long, device=self.device), bad)
+            self.nonfinite.index_add_(0, device_index(present, self.device), bad)
         if self.origin is not None:  # backward runs from the deepest layer
-            self.origin.note(self.layer_idx if full else self.layer_idx[list(present)], bad, 1, last=True)
+            layers = self.layer_idx if full else self.layer_idx[device_index(present, self.device)]
+            self.origin.note(layers, bad, 1, last=True)
         clean = [torch.where(f, g, 0) for f, g in zip(finite, dense)]
         return torch.stack(torch._foreach_norm(clean)).float()
 

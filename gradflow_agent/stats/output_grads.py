@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .engine import device_index
+
 
 class OutputGradStats:
     def __init__(self, n_layers: int, device: torch.device) -> None:
@@ -40,7 +42,7 @@ class OutputGradStats:
 
     def device_parts(self) -> list[torch.Tensor]:
         if self._pending:
-            idx = torch.tensor(self._pending_idx, dtype=torch.long, device=self.device)
+            idx = device_index(self._pending_idx, self.device)
             self.acc.index_add_(0, idx, torch.stack(self._pending).double())
             self._pending, self._pending_idx = [], []
         return [self.acc]

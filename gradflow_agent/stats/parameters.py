@@ -92,6 +92,11 @@ class ParameterStats:
         else:
             self._before = self._sample()
 
+    def drop_before(self) -> None:
+        """Forget the sample taken before an update (the next measurement has norms but no ratio)."""
+        if self.mode != "exact":
+            self._before = None
+
     def measure(self, keep_as_before: bool) -> None:
         """Parameter norms now, and the update ratio since `take_before` (if it was taken)."""
         if not self.params:

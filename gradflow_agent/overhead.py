@@ -1,0 +1,101 @@
+"""The agent's own cost, held under `sampling.overhead_budget`: one controller, two knobs.
+
+The agent times itself on the training thread (hooks, step boundary, snapshots). Over a judgment
+window of whole steps it compares that time with the wall time of the steps and, while its share is
+over the budget, stretches the cadence of the optional statistics: activations first (x2 .. x64 of
+the configured cadence, jumping by the factor the share is over), then - only once activations are at
+their sparsest and the share is still over - the parameter statistics (x2 .. x16). It comes back one
+halving at a time, parameters first, when the share is under a quarter of the budget. Gradients (the
+global norm and the non-finite watch) are never stretched: they stay on every computed step.
+
+The window spans at least one period of each stretched cadence, so that a window always holds a
+measured step and the share is not judged on the cheap steps only, and at least 32 steps: the first
+32 steps of a run are always measured in full (the detectors' first window). A share far over the
+budget jumps by the factor it is over, so a 1000-layer model settles in two or three windows, not in
+six doublings.
+"""
+
+from __future__ import annotations
+
+import math
+
+MAX_ACTIVATION_STRETCH = 64
+MAX_PARAMETER_STRETCH = 16
+WINDOW = 32  # steps, at least, between judgments
+
+
+class OverheadBudget:
+    """Judge the agent's share of the step time and the stretch of the optional cadences.
+
+    `activation_period` and `parameter_period` are the configured cadences in steps (the window covers
+    one stretched period of each); `stretch_parameters` is off when the ranks must measure parameters
+    on the same steps (their sharded squares meet in one collective at the snapshot)."""
+
+    def __init__(self, budget: float, *, activation_period: int = 1, parameter_period: int = 0,
+                 stretch_parameters: bool = True) -> None:
+        self.budget = budget
+        self.activations = 1  # stretch of the activation cadence
+        self.parameters = 1  # stretch of the parameter cadence
+        self.share = math.nan  # the agent's share of the step time over the last window (nan: not yet known)
+        self._periods = (max(1, activation_period), max(0, parameter_period))
+        self._can_stretch_parameters = parameter_period > 0
+        self.stretch_parameters = stretch_parameters
+        self._last: tuple[float, float] | None = None  # (clock, agent seconds) at the previous step end
+        self._own = self._wall = 0.0
+        self._steps = 0
+
+    @property
+    def stretch_parameters(self) -> bool:
+        return self._stretch_parameters
+
+    @stretch_parameters.setter
+    def stretch_parameters(self, allowed: bool) -> None:
+        self._stretch_parameters = allowed and self._can_stretch_parameters
+        if not self._stretch_parameters:
+            self.parameters = 1
+
+    @property
+    def current_share(self) -> float:
+        """The last window's share; before the first window ends, the share so far (0 before any step)."""
+        if not math.isnan(self.share):
+            return self.share
+        return min(self._own / self._wall, 1.0) if self._wall > 0 else 0.0
+
+    def step_ended(self, now: float, agent_seconds: float) -> bool:
+        """One step ended at clock `now` with `agent_seconds` of agent time so far (a running total).
+        Returns True when a cadence changed."""
+        last, self._last = self._last, (now, agent_seconds)
+        if last is None:
+            return False
+        wall, own = now - last[0], agent_seconds - last[1]
+        if wall <= 0:
+            return False
+        self._own, self._wall, self._steps = self._own + own, self._wall + wall, self._steps + 1
+        if self._steps < self._window():
+            return False
+        self.share = min(self._own / self._wall, 1.0)
+        self._own = self._wall = 0.0
+        self._steps = 0
+        return bool(self.budget) and self._judge(self.share)
+
+    def _window(self) -> int:
+        act, par = self._periods
+        return max(WINDOW, act * self.activations, par * self.parameters)
+
+    def _judge(self, share: float) -> bool:
+        if share > self.budget:
+            if self.activations < MAX_ACTIVATION_STRETCH:
+                factor = 2 ** max(1, math.ceil(math.log2(share / self.budget)))
+                self.activations = min(MAX_ACTIVATION_STRETCH, self.activations * factor)
+                return True
+            if self._stretch_parameters and self.parameters < MAX_PARAMETER_STRETCH:
+                self.parameters *= 2
+                return True
+        elif share < self.budget / 4:
+            if self.parameters > 1:
+                self.parameters //= 2
+                return True
+            if self.activations > 1:
+                self.activations //= 2
+                return True
+        return False

@@ -1,0 +1,115 @@
+"""The overhead budget (gradflow_agent/overhead.py): its judgments on a synthetic clock, and in the agent
+the stretched parameter cadence still measures one-step updates."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import gradflow_agent
+from gradflow_agent.overhead import MAX_ACTIVATION_STRETCH, MAX_PARAMETER_STRETCH, OverheadBudget
+from tests.conftest import config
+
+
+def _run(budget: OverheadBudget, steps: int, share: float, *, clock: list[float], spent: list[float],
+         step_seconds: float = 0.01) -> list[tuple[int, int]]:
+    """Feed `steps` step ends where the agent took `share` of each step; the cadences after each."""
+    seen = []
+    for _ in range(steps):
+        clock[0] += step_seconds
+        spent[0] += share * step_seconds
+        budget.step_ended(clock[0], spent[0])
+        seen.append((budget.activations, budget.parameters))
+    return seen
+
+
+def test_a_share_far_over_the_budget_settles_within_two_windows_after_32_full_steps():
+    b = OverheadBudget(0.03)
+    clock, spent = [0.0], [0.0]
+    seen = _run(b, 1 + 32, 0.5, clock=clock, spent=spent)
+    assert seen[31] == (1, 1) and seen[32] == (32, 1)  # 0.5 / 0.03 = 17x over: one jump of 2^5, not x2
+    _run(b, 32, 0.5, clock=clock, spent=spent)  # the window is one stretched period (32 steps) now
+    assert b.activations == MAX_ACTIVATION_STRETCH
+    assert math.isclose(b.share, 0.5)
+
+
+def test_parameters_stretch_only_after_activations_are_sparsest_and_come_back_first():
+    b = OverheadBudget(0.03, parameter_period=10)
+    clock, spent = [0.0], [0.0]
+    _run(b, 2000, 0.5, clock=clock, spent=spent)
+    assert (b.activations, b.parameters) == (MAX_ACTIVATION_STRETCH, MAX_PARAMETER_STRETCH)
+    # well under a quarter of the budget: parameters halve first, then activations
+    order = []
+    for _ in range(4000):
+        before = (b.activations, b.parameters)
+        _run(b, 1, 0.001, clock=clock, spent=spent)
+        if (b.activations, b.parameters) != before:
+            order.append("p" if b.parameters != before[1] else "a")
+    assert (b.activations, b.parameters) == (1, 1)
+    assert order == ["p"] * 4 + ["a"] * 6
+
+
+def test_a_share_between_a_quarter_of_the_budget_and_the_budget_holds_the_cadence():
+    b = OverheadBudget(0.04)
+    clock, spent = [0.0], [0.0]
+    _run(b, 33, 0.2, clock=clock, spent=spent)
+    k = b.activations
+    _run(b, 500, 0.02, clock=clock, spent=spent)
+    assert b.activations == k
+
+
+def test_no_budget_measures_the_share_and_changes_nothing():
+    b = OverheadBudget(0.0, parameter_period=1)
+    clock, spent = [0.0], [0.0]
+    assert b.current_share == 0.0
+    _run(b, 20, 0.9, clock=clock, spent=spent)
+    assert math.isclose(b.current_share, 0.9)  # before the first window ends: the share so far
+    _run(b, 200, 0.9, clock=clock, spent=spent)
+    assert (b.activations, b.parameters) == (1, 1) and math.isclose(b.share, 0.9)
+
+
+def test_ranks_that_must_agree_never_stretch_the_parameter_cadence():
+    b = OverheadBudget(0.03, parameter_period=10, stretch_parameters=False)
+    _run(b, 2000, 0.5, clock=[0.0], spent=[0.0])
+    assert (b.activations, b.parameters) == (MAX_ACTIVATION_STRETCH, 1)
+    b = OverheadBudget(0.03, parameter_period=10)
+    _run(b, 2000, 0.5, clock=[0.0], spent=[0.0])
+    b.stretch_parameters = False  # the job became sharded (fully_shard after attach)
+    assert b.parameters == 1
+
+
+def test_the_window_spans_a_whole_stretched_period():
+    b = OverheadBudget(0.03, activation_period=4)
+    clock, spent = [0.0], [0.0]
+    _run(b, 33, 0.5, clock=clock, spent=spent)  # 32 steps, then the period of 4 steps x 32
+    assert b.activations == 32
+    seen = _run(b, 4 * 32, 0.5, clock=clock, spent=spent)
+    assert seen[-2][0] == 32 and seen[-1][0] == 64  # judged after exactly one period of 4 x 32 steps
+
+
+def test_a_stretched_parameter_cadence_measures_one_step_updates():
+    """However the budget moves the cadence, every measured ratio is of one update, not of several."""
+    torch.manual_seed(0)
+    model = nn.Linear(64, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-5)  # a tiny step: the one-step ratio is nearly constant
+    agent = gradflow_agent.attach(model, config(sampling={"overhead_budget": 1e-9}), optimizer=opt)
+    x = torch.randn(64)
+    ratios, measured = [], []
+    for _ in range(400):
+        w = model.weight.detach().clone()
+        loss = (model.weight @ x).sum()  # a constant gradient: every update is lr * x
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        agent.step(loss=loss)
+        ratios.append(float((model.weight.detach() - w).norm() / w.norm()))
+        snap = agent.snapshot()  # one interval per step: each measurement is seen on its own
+        if snap.counters["parameter_every_steps"] and not math.isnan(r := snap.layer("(root)")["update_ratio"]):
+            measured.append(r)
+    assert agent.budget.parameters > 1 and snap.counters["parameter_every_steps"] == agent.budget.parameters
+    agent.detach()
+    assert len(measured) >= 10
+    lo, hi = min(ratios), max(ratios)
+    assert all(lo * 0.99 <= r <= hi * 1.01 for r in measured), (lo, hi, sorted(measured)[-3:])
