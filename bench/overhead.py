@@ -136,8 +136,16 @@ def measure(name: str, config: dict, rounds: int, steps: int) -> tuple[list[floa
         _block(model, opt, batch, steps)
         _block(twin, opt_twin, batch, steps, agent)
     # the overhead budget re-judges its cadence as it trains: measure where it settles, as a run of
-    # thousands of steps sees it (--settle 0 measures from the start)
-    _block(twin, opt_twin, batch, SETTLE, agent)
+    # thousands of steps sees it - until two judgment windows in a row leave it alone, at most --settle
+    # steps (--settle 0 measures from the start)
+    settled, done = None, 0
+    while done < SETTLE:
+        _block(twin, opt_twin, batch, 32, agent)
+        done += 32
+        now = (agent.budget.activations, agent.budget.parameters)
+        if done >= 96 and now == settled:
+            break
+        settled = now if done >= 64 else None
     ratios, base = [], []
     for r in range(rounds):
         if r % 2:  # alternate which goes first

@@ -44,7 +44,7 @@ from .export.flight import extra_ring_rows
 from .export.flight import wanted as flight_wanted
 from .export.worker import DEFAULT_CLOSE_SECONDS
 from .hooks import HookManager, add_module_hook, reset_compiled_code, select_layers, unwrap_optimizer
-from .overhead import OverheadBudget
+from .overhead import AgentClock, OverheadBudget
 from .snapshot import LAYER_STATS, Snapshot
 from .stats.activations import ActivationStats
 from .stats.engine import model_device, transfer
@@ -122,6 +122,15 @@ class _WeightsMoved:
         while self._landing and self._landing[0][1].query():
             moved = bool(self._landing.pop(0)[0]) or moved
         return moved
+
+
+def _timed(method):
+    """The method's time is the agent's own (AgentClock: counted once however timed methods nest)."""
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        with self.clock:
+            return method(self, *args, **kwargs)
+    return timed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +222,7 @@ class Agent:
         self._last_loss: float | None = None
         self._interval_start = 0
         self._last_publish = time.monotonic()
-        self._overhead = 0.0
+        self.clock = AgentClock()  # the agent's own time on the training thread (the overhead budget)
         self._lock = threading.RLock()
         self._latest: Snapshot | None = None
         self.boundary = "optimizer" if optimizer is not None else "unknown"
@@ -224,7 +233,7 @@ class Agent:
         activations = cfg.stats.activations.enabled
         self.hooks = HookManager(self.layers, self.errors, self.act.observe if activations else None,
                                  self.out_grad.watch if output_grads else None,
-                                 self.act.observe_traced if activations else None)
+                                 self.act.observe_traced if activations else None, self.clock)
         if cfg.stats.activations.enabled or output_grads:
             self.hooks.attach_forward()
         self.hooks.claims = self._claims
@@ -412,6 +421,7 @@ class Agent:
         updates = self._scale_version() - self._scale_base
         self.skipped_optimizer_steps = max(self.skipped_optimizer_steps, updates - self._optimizer_steps)
 
+    @_timed
     def step(self, loss: torch.Tensor | float | None = None) -> None:
         """Mark the end of a training step (optional when an optimizer steps) and record the loss.
 
@@ -421,7 +431,6 @@ class Agent:
         """
         if self._closed:
             return
-        t0 = time.perf_counter()
         try:
             if loss is not None:
                 self._losses.append(loss.detach() if isinstance(loss, torch.Tensor) else float(loss))
@@ -444,8 +453,8 @@ class Agent:
                 self._boundary()
         except Exception as exc:
             self.errors.record("step", exc)
-        self._overhead += time.perf_counter() - t0
 
+    @_timed
     def _boundary(self) -> None:
         t0 = time.perf_counter()
         guard = self.errors.guard
@@ -457,7 +466,7 @@ class Agent:
             if self._step_cfg.parameters:
                 guard("parameters", self._parameter_boundary)
             self.origin.step = self.steps + 1  # the next step's forward and backward
-            if self.budget.step_ended(t0, self._overhead + self.hooks.overhead):
+            if self.budget.step_ended(t0, self.clock.seconds):
                 self._cadence_changed()
             every = self._step_cfg.every
             self._computed = self.steps % every == 0
@@ -474,7 +483,6 @@ class Agent:
             else:
                 self._publish_waiting = False
                 self._publish(self._snapshot())
-        self._overhead += time.perf_counter() - t0
 
     def _cadence_changed(self) -> None:
         """The overhead budget changed a cadence: the parameter sample is retaken now when the next step is
@@ -527,12 +535,12 @@ class Agent:
         return [("activations", self.act), ("gradients", self.grad), ("parameters", self.param),
                 ("output_grads", self.out_grad), ("nonfinite_origin", self.origin)]
 
+    @_timed
     def _snapshot(self, strict: bool = False) -> Snapshot:
         """Fold, transfer once, and build the interval snapshot (with its diagnosis).
 
         Each component is guarded: one that fails leaves its statistics unknown (NaN, never healthy) and
         the snapshot, with its error counts, is still published. `strict` (at attach) raises instead."""
-        t0 = time.perf_counter()
         failed: list[str] = []
 
         def run(component, fn, *args):
@@ -581,7 +589,6 @@ class Agent:
             self._interval_start = self.steps
             self._last_publish = time.monotonic()
             self._count_scaler_skips()
-        self._overhead += time.perf_counter() - t0
         degraded = tuple(sorted(set(failed) | (self.errors.disabled & {n for n, _ in components})))
         snap = self._build(stats, origin, interval, scale_host, degraded, strict)
         if self.flight is not None:  # right after the transfer: an incident's rows leave a device with an empty queue
@@ -600,7 +607,7 @@ class Agent:
         zeros = np.zeros(L)
         counters = {
             "steps_total": float(self.steps),
-            "overhead_seconds_total": self._overhead + self.hooks.overhead,
+            "overhead_seconds_total": self.clock.seconds,
             "errors_total": float(self.errors.total),
             "layers": float(L),
             "layers_skipped": float(self.layers_skipped),
@@ -680,12 +687,11 @@ class Agent:
             self.errors.guard(_component(exporter), exporter.publish, snap)
 
     # -- public API -------------------------------------------------------------------------------------
+    @_timed
     def read_gradients(self) -> None:
         """Read the gradients now, as the optimizer step pre-hook does: for trainer integrations that own
         the step boundary (e.g. Lightning's `on_before_optimizer_step`). Follow with `end_optimizer_step`."""
-        t0 = time.perf_counter()
         self.errors.guard("read_gradients", self._before_optimizer_step)
-        self._overhead += time.perf_counter() - t0
 
     def end_optimizer_step(self) -> None:
         """Mark an optimizer step as done, as the optimizer step post-hook does (integrations)."""

@@ -27,6 +27,7 @@ from torch import nn
 
 from .config import ConfigError
 from .errors import DISABLE_AFTER, ErrorCounter
+from .overhead import AgentClock
 from .stats.kinds import CHANNELS_FIRST, OutputKind, first_tensor, output_kind
 
 log = logging.getLogger("gradflow_agent")
@@ -263,8 +264,10 @@ class HookManager(HandleSet):
     def __init__(self, layers: list[Layer], errors: ErrorCounter,
                  on_activation: Callable[[int, torch.Tensor, bool], None] | None,
                  on_output: Callable[[int, torch.Tensor], None] | None = None,
-                 on_activation_traced: Callable[[int, torch.Tensor, bool], None] | None = None) -> None:
-        """`on_activation_traced`: what the hook calls instead while torch.compile traces it (device ops only)."""
+                 on_activation_traced: Callable[[int, torch.Tensor, bool], None] | None = None,
+                 clock: AgentClock | None = None) -> None:
+        """`on_activation_traced`: what the hook calls instead while torch.compile traces it (device ops only);
+        `clock`: where the hooks' own time is counted (the agent's)."""
         self.layers = layers
         self.errors = errors
         self.on_activation = on_activation
@@ -273,7 +276,7 @@ class HookManager(HandleSet):
         self.active = True  # statistics are computed on this step
         self._idle = False  # forward hooks taken off for a stretch of unmeasured steps (`idle`)
         self._never_idle = False
-        self.overhead = 0.0  # seconds spent in hooks
+        self.clock = clock if clock is not None else AgentClock()
         self._handles: list = []
         self._channels_first = False  # layout of the latest parametric layer's output
         self._optimizer: torch.optim.Optimizer | None = None
@@ -331,6 +334,7 @@ class HookManager(HandleSet):
         index, observe, watch, errors, fails = layer.index, self.on_activation, self.on_output, self.errors, \
             self._fails
         observe_traced = self.on_activation_traced
+        clock = self.clock
 
         def hook(module, inputs, output):
             if torch.compiler.is_compiling():  # traced into the user's graph: device ops only, no break
@@ -365,7 +369,7 @@ class HookManager(HandleSet):
                     fails[index] = -1
                     log.warning("gradflow_agent: the hook of layer %r failed %d times in a row; that layer is "
                                 "no longer measured", layer.name, HOOK_DISABLE_AFTER)
-            self.overhead += time.perf_counter() - t0
+            clock.seconds += time.perf_counter() - t0  # hooks never nest in agent sections: added directly
 
         return hook
 
@@ -407,9 +411,8 @@ class HookManager(HandleSet):
         self._backward_task = -2
         fn = self._on_backward_end
         if fn is not None:
-            t0 = time.perf_counter()
-            self.errors.guard("backward_boundary", fn)
-            self.overhead += time.perf_counter() - t0
+            with self.clock:
+                self.errors.guard("backward_boundary", fn)
 
     # -- optimizer step boundary ---------------------------------------------------------------------
     def attach_optimizer(self, optimizer: torch.optim.Optimizer | None, params: list[nn.Parameter],
@@ -420,9 +423,8 @@ class HookManager(HandleSet):
             def run(opt, args, kwargs):
                 if not self._is_ours(opt):
                     return
-                t0 = time.perf_counter()
-                self.errors.guard(name, fn)
-                self.overhead += time.perf_counter() - t0
+                with self.clock:
+                    self.errors.guard(name, fn)
             return run
 
         if optimizer is not None:

@@ -18,10 +18,38 @@ six doublings.
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 MAX_ACTIVATION_STRETCH = 64
 MAX_PARAMETER_STRETCH = 16
 WINDOW = 32  # steps, at least, between judgments
+
+
+class AgentClock:
+    """The agent's own time on the training thread, each second counted once.
+
+    Timed sections nest (a snapshot inside a step boundary inside an optimizer hook): only the outermost
+    section of a thread adds its time. `with clock:` around a section; the forward hooks, which never
+    nest, add their time to `seconds` directly (cheaper on the hot path)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._local = threading.local()
+
+    def __enter__(self) -> AgentClock:
+        local = self._local
+        depth = getattr(local, "depth", 0)
+        if not depth:
+            local.t0 = time.perf_counter()
+        local.depth = depth + 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        local = self._local
+        local.depth -= 1
+        if not local.depth:
+            self.seconds += time.perf_counter() - local.t0
 
 
 class OverheadBudget:

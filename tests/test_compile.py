@@ -98,3 +98,20 @@ def test_after_detach_the_compiled_graph_no_longer_feeds_the_agent():
     before = agent.act.acc.clone()
     compiled(torch.randn(8, 16))
     assert torch.equal(agent.act.acc, before)
+
+
+def test_a_stretched_activation_cadence_adds_one_graph_not_a_recompile_per_step():
+    """The overhead budget turns activation measurement off on most steps: the compiled forward guards on
+    that one flag, so there are two graphs (with and without the statistics), each compiled once."""
+    model = _model()
+    agent = gradflow_agent.attach(model, config(sampling={"overhead_budget": 1e-9}))
+    compiled = torch.compile(model)
+    _run(model, compiled, steps=160)
+    calls = float(agent.act.traced_counts[0, 3])  # forward calls the compiled hooks measured (this interval)
+    snap = agent.snapshot()
+    agent.detach()
+    assert agent.activation_every > 1
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])  # 2 forwards (+ their backwards)
+    assert 32 <= calls < 160 - 32  # every step of the first 32, then every k-th
+    assert snap.layer("0")["activation_std"] > 0

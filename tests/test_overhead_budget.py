@@ -113,3 +113,34 @@ def test_a_stretched_parameter_cadence_measures_one_step_updates():
     assert len(measured) >= 10
     lo, hi = min(ratios), max(ratios)
     assert all(lo * 0.99 <= r <= hi * 1.01 for r in measured), (lo, hi, sorted(measured)[-3:])
+
+
+def test_nested_timed_sections_count_their_time_once(monkeypatch):
+    """An optimizer hook runs the step boundary, which runs a snapshot: each second is the agent's once."""
+    import threading
+
+    from gradflow_agent import overhead
+    now = [0.0]
+    monkeypatch.setattr(overhead.time, "perf_counter", lambda: now[0])
+    clock = overhead.AgentClock()
+    with clock:  # the optimizer hook
+        now[0] += 1.0
+        with clock:  # the step boundary
+            now[0] += 2.0
+            with clock:  # the snapshot
+                now[0] += 4.0
+    assert clock.seconds == 7.0
+    with clock:
+        now[0] += 1.0
+    assert clock.seconds == 8.0
+    done = threading.Event()
+
+    def other_thread():  # its own nesting: a section there is counted on its own
+        with clock:
+            now[0] += 16.0
+        done.set()
+
+    with clock:
+        threading.Thread(target=other_thread).start()
+        done.wait(5)
+    assert clock.seconds == 8.0 + 16.0 + 16.0  # the outer section here spanned the other thread's 16 s too
