@@ -109,8 +109,8 @@ def _step(model, opt, batch, agent=None) -> None:
 CLOCK = time.process_time
 FORWARD: dict[int, Callable] = {}  # id(model) -> its compiled forward (--compile)
 COMPILE = False
-SETTLE = 256
-CADENCE: dict[str, int] = {}  # workload -> the activation cadence the budget settled at (last measured)
+SETTLE = 1024
+CADENCE: dict[str, str] = {}  # workload -> 'activation/parameter cadence' the budget settled at (last)
 
 
 def _block(model, opt, batch, steps, agent=None) -> float:
@@ -138,14 +138,15 @@ def measure(name: str, config: dict, rounds: int, steps: int) -> tuple[list[floa
     # the overhead budget re-judges its cadence as it trains: measure where it settles, as a run of
     # thousands of steps sees it - until two judgment windows in a row leave it alone, at most --settle
     # steps (--settle 0 measures from the start)
-    settled, done = None, 0
+    before, done = None, 0
     while done < SETTLE:
-        _block(twin, opt_twin, batch, 32, agent)
-        done += 32
+        window = agent.budget.window  # a block of one judgment window: each block sees one judgment
+        _block(twin, opt_twin, batch, window, agent)
+        done += window
         now = (agent.budget.activations, agent.budget.parameters)
-        if done >= 96 and now == settled:
+        if now == before:
             break
-        settled = now if done >= 64 else None
+        before = now
     ratios, base = [], []
     for r in range(rounds):
         if r % 2:  # alternate which goes first
@@ -156,7 +157,8 @@ def measure(name: str, config: dict, rounds: int, steps: int) -> tuple[list[floa
             b = _block(twin, opt_twin, batch, steps, agent)
         ratios.append(b / a)
         base.append(a)
-    CADENCE[name] = agent.activation_every * agent.config.sampling.every_n_steps
+    CADENCE[name] = f"{agent.activation_every * agent.config.sampling.every_n_steps}/" \
+        f"{agent._param_every * agent.budget.parameters if agent.config.stats.parameters.enabled else 0}"
     agent.detach()
     return ratios, statistics.median(base)
 
@@ -171,7 +173,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile both copies")
     parser.add_argument("--runs", type=int, default=1, help="full runs over every workload (the table pools "
                                                              "their rounds)")
-    parser.add_argument("--settle", type=int, default=256, help="agent steps before measuring, for the "
+    parser.add_argument("--settle", type=int, default=1024, help="agent steps before measuring, for the "
                                                                  "overhead budget to settle its cadence")
     parser.add_argument("--table", action="store_true", help="end with a Markdown table for the README")
     args = parser.parse_args()
@@ -182,9 +184,9 @@ def main() -> None:
     plan = {"transformer": (8, 3), "mlp": (10, 4), "cnn": (10, 4), "tiny": (30, 50), "deep": (6, 5)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.clock} clock, gradflow_agent "
           f"{gradflow_agent.__version__}{', compiled' if COMPILE else ''}")
-    print(f"{'workload':<12} {'config':<8} {'step (ms)':>10} {'ratio':>7}  {'min-max':>13} {'act. every':>10}")
+    print(f"{'workload':<12} {'config':<8} {'step (ms)':>10} {'ratio':>7}  {'min-max':>13} {'every (act/par)':>15}")
     pooled: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
-    cadences: dict[tuple[str, str], list[int]] = {}
+    cadences: dict[tuple[str, str], list[str]] = {}
     for run in range(args.runs):
         if args.runs > 1:
             print(f"-- run {run + 1} of {args.runs}")
@@ -196,13 +198,13 @@ def main() -> None:
                 all_ratios += ratios
                 bases.append(base)
                 print(f"{name:<12} {cfg_name:<8} {base * 1e3:>10.2f} {statistics.median(ratios):>6.3f}x  "
-                      f"{min(ratios):.3f}-{max(ratios):.3f} {CADENCE[name]:>10}", flush=True)
+                      f"{min(ratios):.3f}-{max(ratios):.3f} {CADENCE[name]:>15}", flush=True)
                 cadences.setdefault((name, cfg_name), []).append(CADENCE[name])
     if args.table:
         print(table(pooled, cadences, args))
 
 
-def table(pooled: dict[tuple[str, str], tuple[list[float], list[float]]], cadences: dict[tuple[str, str], list[int]],
+def table(pooled: dict[tuple[str, str], tuple[list[float], list[float]]], cadences: dict[tuple[str, str], list[str]],
           args) -> str:
     """A Markdown table: per workload and config, the median and min-max of the round ratios of all runs
     pooled (each round: one interleaved pair of blocks), the median unmonitored step time, and the
@@ -210,12 +212,12 @@ def table(pooled: dict[tuple[str, str], tuple[list[float], list[float]]], cadenc
     lines = ["", f"`{' '.join(['python', 'bench/overhead.py', *sys.argv[1:]])}` (torch {torch.__version__}, "
              f"{torch.get_num_threads()} thread(s), {args.clock} clock, {args.runs} run(s)"
              f"{', compiled' if args.compile else ''})", "",
-             "| workload | config | step (ms) | ratio (median) | min-max | activations every |",
+             "| workload | config | step (ms) | ratio (median) | min-max | activations / parameters every |",
              "|---|---|---:|---:|---:|---:|"]
     for (name, cfg_name), (ratios, bases) in pooled.items():
         lines.append(f"| {name} | {cfg_name} | {statistics.median(bases) * 1e3:.2f} | "
                      f"{statistics.median(ratios):.3f}x | {min(ratios):.3f}-{max(ratios):.3f} | "
-                     f"{'/'.join(map(str, cadences[name, cfg_name]))} |")
+                     f"{', '.join(cadences[name, cfg_name])} |")
     return "\n".join(lines)
 
 if __name__ == "__main__":

@@ -288,7 +288,10 @@ class HookManager(HandleSet):
 
     # -- activations ----------------------------------------------------------------------------------
     def attach_forward(self) -> None:
-        self._forward_handles = [add_module_hook(layer.module, self._forward_hook(layer)) for layer in self.layers]
+        hooks = [self._forward_hook(layer) for layer in self.layers]
+        self._forward_handles = [add_module_hook(layer.module, fn) for layer, fn in zip(self.layers, hooks)]
+        self._forward_entries = [(layer.module, handle.id, fn)
+                                 for layer, handle, fn in zip(self.layers, self._forward_handles, hooks)]
         self._handles.extend(self._forward_handles)
         self._idle = False
 
@@ -298,6 +301,8 @@ class HookManager(HandleSet):
             handle.remove()
         self._handles = [h for h in self._handles if id(h) not in gone]  # one pass, not a remove() per hook
         self._forward_handles = []
+        self._forward_entries = []
+        self._idle = False
 
     def reattach_forward(self) -> None:
         """Move the forward hooks to the end of each module's hooks: after those a later wrapper added
@@ -311,22 +316,30 @@ class HookManager(HandleSet):
     def idle(self, idle: bool) -> None:
         """Steps whose activations are not measured: take the forward hooks off for the stretch, since a
         module with hooks takes PyTorch's slow call path (~3 us each, 1000 layers ~3-7 ms per step) even
-        when the hook returns at once. Only while nothing was compiled in this process (compiled graphs
-        do not see hook changes); once something is, the hooks go back for good and compiled code is
-        reset once, so that it traces them."""
+        when the hook returns at once. The hooks leave and re-enter their modules' hook dicts under their
+        own handle ids - no handle, closure or weak reference is made or dropped (registering 1000 hooks
+        anew allocates enough to set off the garbage collector's full passes, ~150 ms each). Only while
+        nothing was compiled in this process (compiled graphs do not see hook changes); once something
+        is, the hooks go back for good and compiled code is reset once, so that it traces them."""
         if getattr(self, "_forward_handles", None) is None or self._never_idle:
             return
         if compiled_anything():
             self._never_idle = True
             if self._idle:
-                self.attach_forward()
+                self._resume_forward()
                 reset_compiled_code()
             return
         if idle and not self._idle:
-            self._detach_forward()
+            for module, hid, _ in self._forward_entries:
+                module._forward_hooks.pop(hid, None)
             self._idle = True
         elif not idle and self._idle:
-            self.attach_forward()
+            self._resume_forward()
+
+    def _resume_forward(self) -> None:
+        for module, hid, fn in self._forward_entries:
+            module._forward_hooks[hid] = fn  # after any hook added meanwhile, like a new registration
+        self._idle = False
 
     def _forward_hook(self, layer: Layer):
         sets_layout = next(layer.module.parameters(recurse=False), None) is not None

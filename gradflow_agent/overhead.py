@@ -4,7 +4,7 @@ The agent times itself on the training thread (hooks, step boundary, snapshots).
 window of whole steps it compares that time with the wall time of the steps and, while its share is
 over the budget, stretches the cadence of the optional statistics: activations first (x2 .. x64 of
 the configured cadence, jumping by the factor the share is over), then - only once activations are at
-their sparsest and the share is still over - the parameter statistics (x2 .. x16). It comes back one
+their sparsest and the share is still over - the parameter statistics (x2 .. x16, the same way). It comes back one
 halving at a time, parameters first, when the share is under a quarter of the budget. Gradients (the
 global norm and the non-finite watch) are never stretched: they stay on every computed step.
 
@@ -99,25 +99,27 @@ class OverheadBudget:
         if wall <= 0:
             return False
         self._own, self._wall, self._steps = self._own + own, self._wall + wall, self._steps + 1
-        if self._steps < self._window():
+        if self._steps < self.window:
             return False
         self.share = min(self._own / self._wall, 1.0)
         self._own = self._wall = 0.0
         self._steps = 0
         return bool(self.budget) and self._judge(self.share)
 
-    def _window(self) -> int:
+    @property
+    def window(self) -> int:
+        """Steps in the current judgment window: 32, or one stretched period of each cadence if longer."""
         act, par = self._periods
         return max(WINDOW, act * self.activations, par * self.parameters)
 
     def _judge(self, share: float) -> bool:
         if share > self.budget:
+            factor = 2 ** max(1, math.ceil(math.log2(share / self.budget)))
             if self.activations < MAX_ACTIVATION_STRETCH:
-                factor = 2 ** max(1, math.ceil(math.log2(share / self.budget)))
                 self.activations = min(MAX_ACTIVATION_STRETCH, self.activations * factor)
                 return True
             if self._stretch_parameters and self.parameters < MAX_PARAMETER_STRETCH:
-                self.parameters *= 2
+                self.parameters = min(MAX_PARAMETER_STRETCH, self.parameters * factor)
                 return True
         elif share < self.budget / 4:
             if self.parameters > 1:

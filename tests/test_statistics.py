@@ -204,6 +204,28 @@ def test_gradient_accumulation_gives_one_reading_per_optimizer_step():
     assert snap.layer("0")["grad_pressure_max"] == pytest.approx(max(expected), rel=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["float32", "float64", "bfloat16", "channels_last", "nan"])
+def test_the_cpu_gradient_norms_read_by_numpy_equal_torch_and_odd_gradients_fall_back(kind):
+    """The CPU ring row is filled by numpy's dot on the gradients' memory; a gradient numpy cannot read
+    as it is (bfloat16, non-contiguous) sends the whole row through torch, a NaN through the masked path."""
+    from gradflow_agent.stats.gradients import GradientStats
+    dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16}.get(kind, torch.float32)
+    params = [nn.Parameter(torch.randn(*shape, dtype=dtype)) for shape in ((8, 3, 3, 3), (8,), (5, 7))]
+    for p in params:
+        p.grad = torch.randn_like(p) * 3
+    if kind == "channels_last":
+        params[0].grad = params[0].grad.contiguous(memory_format=torch.channels_last)
+    if kind == "nan":
+        params[2].grad[1, 2] = float("nan")
+    stats = GradientStats(params, [0, 0, 1], 2, torch.device("cpu"), rows=4, window=4)
+    stats.read(step=1)
+    got = stats.ring[stats.pos].double().numpy()
+    clean = [torch.nan_to_num(p.grad.double(), nan=0.0) for p in params]
+    want = np.array([float(g.norm()) for g in clean])
+    assert got == pytest.approx(want, rel=1e-2 if kind == "bfloat16" else 1e-6)
+    assert stats.nonfinite.tolist() == [0, 0, 1 if kind == "nan" else 0]
+
+
 @pytest.mark.parametrize("robust", [False, True], ids=["cpu-fast-path", "accelerator-masked-path"])
 def test_nonfinite_gradients_are_counted_and_the_finite_part_summarised(robust):
     model = nn.Sequential(nn.Linear(2, 2, bias=False))
