@@ -155,9 +155,17 @@ class GradientStats:
             self.counted.index_add_(0, idx, self._numel[idx])
 
     def _masked_norms(self, dense: list[torch.Tensor], present) -> torch.Tensor:
-        """Norms of the finite part; count the non-finite elements per layer."""
-        finite = [torch.isfinite(g) for g in dense]
-        bad = torch.stack([(~f).sum() for f in finite]).double()
+        """Norms of the finite part; count the non-finite elements per layer. One gradient at a time, so
+        that the masks and cleaned copies alive at once are one gradient's, not a copy of all of them
+        (which on a large model would be gigabytes per step): four ops per gradient, as before."""
+        finite, norms = [], []
+        for g in dense:
+            ok = torch.isfinite(g)
+            finite.append(ok.sum())
+            norms.append(torch.linalg.vector_norm(g.nan_to_num(0.0, 0.0, 0.0)))
+        # elements of what was reduced (a sparse gradient's values, not the parameter): a cached device tensor
+        numel = device_index([g.numel() for g in dense], self.device)
+        bad = (numel - torch.stack(finite)).double()
         full = len(present) == len(self.params)
         if full:
             self.nonfinite += bad
@@ -166,8 +174,7 @@ class GradientStats:
         if self.origin is not None:  # backward runs from the deepest layer
             layers = self.layer_idx if full else self.layer_idx[device_index(present, self.device)]
             self.origin.note(layers, bad, 1, last=True)
-        clean = [torch.where(f, g, 0) for f, g in zip(finite, dense)]
-        return torch.stack(torch._foreach_norm(clean)).float()
+        return torch.stack(norms).float()
 
     # -- snapshot ---------------------------------------------------------------------------------------
     def device_parts(self) -> list[torch.Tensor]:
