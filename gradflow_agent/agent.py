@@ -47,7 +47,7 @@ from .hooks import HookManager, add_module_hook, reset_compiled_code, select_lay
 from .overhead import AgentClock, OverheadBudget
 from .snapshot import LAYER_STATS, Snapshot
 from .stats.activations import ActivationStats
-from .stats.engine import model_device, transfer
+from .stats.engine import LaggedFlag, model_device, transfer
 from .stats.gradients import GradientStats
 from .stats.nonfinite import NonfiniteOrigin
 from .stats.output_grads import OutputGradStats
@@ -98,30 +98,22 @@ def _fingerprint(params: list[nn.Parameter]) -> torch.Tensor | None:
 class _WeightsMoved:
     """Did the weights move between two backward passes (weights updated without torch.optim)?
 
-    On the CPU the answer is read at once. On CUDA the comparison is copied back without blocking, and
-    read at a later backward end once its copy has landed (an event query): the boundary is found a step
-    or two later, with no host synchronisation."""
+    The comparison is a device flag read without a sync (`LaggedFlag`): on CUDA the boundary is found a
+    step or two later, with no host synchronisation."""
 
     def __init__(self) -> None:
         self._last: torch.Tensor | None = None
-        self._landing: list[tuple[torch.Tensor, Any]] = []  # (pinned host flag, event after its copy)
+        self._moved = LaggedFlag()
 
     def __call__(self, params: list[nn.Parameter]) -> bool:
         now, last = _fingerprint(params), self._last
         self._last = now
         if now is None or last is None or now.shape != last.shape:
             return False
-        if now.device.type != "cuda":
+        if now.device.type not in ("cpu", "cuda"):  # no lagged read there: this one syncs
             return not torch.equal(now.cpu(), last.cpu())
-        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-        flag.copy_((now != last).any(), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(now.device))
-        self._landing.append((flag, event))
-        moved = False
-        while self._landing and self._landing[0][1].query():
-            moved = bool(self._landing.pop(0)[0]) or moved
-        return moved
+        self._moved.push((now != last).any())
+        return self._moved.seen()
 
 
 def _timed(method):

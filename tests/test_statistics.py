@@ -226,23 +226,50 @@ def test_the_cpu_gradient_norms_read_by_numpy_equal_torch_and_odd_gradients_fall
     assert stats.nonfinite.tolist() == [0, 0, 1 if kind == "nan" else 0]
 
 
-@pytest.mark.parametrize("robust", [False, True], ids=["cpu-fast-path", "accelerator-masked-path"])
-def test_nonfinite_gradients_are_counted_and_the_finite_part_summarised(robust):
-    model = nn.Sequential(nn.Linear(2, 2, bias=False))
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    agent = gradflow_agent.attach(model, config(), optimizer=opt)
-    agent.grad.robust = robust
+def _plant_nonfinite(model, opt) -> torch.Tensor:
+    """One step whose weight gradient holds a NaN and an Inf; returns its finite part."""
     model(torch.ones(1, 2)).sum().backward()
     model[0].weight.grad[0, 0] = float("nan")
     model[0].weight.grad[1, 1] = float("inf")
     finite = model[0].weight.grad.clone()
     finite[~torch.isfinite(finite)] = 0
     opt.step()
+    opt.zero_grad()
+    return finite
+
+
+def test_nonfinite_gradients_are_counted_and_the_finite_part_summarised():
+    model = nn.Sequential(nn.Linear(2, 2, bias=False))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    agent = gradflow_agent.attach(model, config(), optimizer=opt)
+    finite = _plant_nonfinite(model, opt)
     snap = agent.snapshot()
     agent.detach()
     assert snap.layer("0")["nonfinite_grad"] == 2
     assert snap.layer("0")["grad_pressure"] == pytest.approx(finite.norm().item())
     assert [i.kind for i in snap.issues] == ["nonfinite"]
+
+
+def test_the_accelerator_watch_flags_the_first_nonfinite_gradient_then_measures_exactly():
+    """On an accelerator one fused norm per step is the watch: the first non-finite gradient is flagged
+    on its step and parameter (a lower-bound count, no reading), and from then on the run is measured
+    exactly - element counts and the finite part."""
+    model = nn.Sequential(nn.Linear(2, 2, bias=False))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    agent = gradflow_agent.attach(model, config(), optimizer=opt)
+    agent.grad.robust = True  # the accelerator path, on the CPU
+    _plant_nonfinite(model, opt)
+    first = agent.snapshot()
+    assert first.layer("0")["nonfinite_grad"] == 1  # one parameter flagged at one step
+    assert math.isnan(first.layer("0")["grad_pressure"])  # no reading: never a made-up norm
+    assert [i.kind for i in first.issues] == ["nonfinite"]
+    assert first.nonfinite_origin == (1, 0, "grad")  # step 1, layer "0" (index 0), its gradient
+    finite = _plant_nonfinite(model, opt)
+    second = agent.snapshot()
+    agent.detach()
+    assert agent.grad.exact
+    assert second.layer("0")["nonfinite_grad"] == 1 + 2  # exact from the second step
+    assert second.layer("0")["grad_pressure"] == pytest.approx(finite.norm().item())
 
 
 def test_activation_checkpointing_counts_each_forward_once():

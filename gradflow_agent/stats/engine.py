@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -27,6 +29,41 @@ class _IndexCache:
 
 
 device_index = _IndexCache()
+
+
+class LaggedFlag:
+    """A device boolean read without a synchronisation: on CUDA each pushed flag is copied back without
+    blocking into pinned memory, and read once its event says the copy landed (`seen`, at a later
+    call); on the CPU it is read at once (free there). Other accelerators are never read here: their
+    flags are left to the snapshot, which synchronises anyway."""
+
+    MAX_PENDING = 64
+
+    def __init__(self) -> None:
+        self._landing: list[tuple[torch.Tensor, Any]] = []  # (pinned host flag, event after its copy)
+        self._seen = False
+
+    def push(self, flag: torch.Tensor) -> None:
+        if self._seen:
+            return
+        if flag.device.type == "cpu":
+            self._seen = bool(flag)
+        elif flag.device.type == "cuda" and len(self._landing) < self.MAX_PENDING:
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(flag.device))
+            self._landing.append((host, event))
+
+    def seen(self) -> bool:
+        """Was any pushed flag true (of those whose copy has landed)?"""
+        while not self._seen and self._landing and self._landing[0][1].query():
+            self._seen = bool(self._landing.pop(0)[0])
+        return self._seen
+
+    def reset(self) -> None:
+        self._landing.clear()
+        self._seen = False
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from .engine import device_index
+from .engine import LaggedFlag, device_index
 from .sharding import ShardSums, is_dtensor, local
 
 
@@ -74,6 +74,10 @@ class GradientStats:
         self.window = window
         self.origin = origin
         self.robust = device.type != "cpu" if robust is None else robust
+        # robust (accelerators): one fused norm per step watches for non-finite gradients until the run
+        # shows one; from then on (`exact`) every gradient's finite part and non-finite elements are measured
+        self.exact = False
+        self._nonfinite_seen = LaggedFlag()
         self.layer_idx = torch.tensor(layer_of_param, dtype=torch.long, device=device)
         n = len(params)
         self.ring = torch.full((rows, max(n, 1)), float("nan"), dtype=torch.float32, device=device)
@@ -118,7 +122,10 @@ class GradientStats:
             dense = [_dense(grads[k]) for k in present]
             row.fill_(float("nan"))
         if dense:
-            if self.robust:
+            if self.robust and not self.exact and not self._nonfinite_seen.seen():
+                norms = self._flagged_norms(dense, present)
+            elif self.robust:
+                self.exact = True
                 norms = self._masked_norms(dense, present)
             elif self._ring_np is not None and len(present) == len(grads) and \
                     _norms_numpy(dense, self._ring_np[self.pos]):
@@ -153,6 +160,27 @@ class GradientStats:
             idx = device_index(present, self.device)
             self.nonzero.index_add_(0, idx, nz)
             self.counted.index_add_(0, idx, self._numel[idx])
+
+    def _flagged_norms(self, dense: list[torch.Tensor], present) -> torch.Tensor:
+        """The accelerator watch: one fused `_foreach_norm` (a few multi-tensor kernels, whatever the
+        number of parameters) instead of four ops per gradient. A non-finite norm flags its parameter at
+        this step exactly (origin, counts); the ring holds no reading for it (NaN), and the count is a
+        lower bound (one per flagged parameter and step) until the flag reaches the host - without a
+        sync, a step or two later, or at the snapshot - and the exact path takes over for the run."""
+        norms = torch.stack(torch._foreach_norm(dense))
+        bad = ~torch.isfinite(norms)
+        flagged = bad.double()
+        if len(present) == len(self.params):
+            self.nonfinite += flagged
+            layers = self.layer_idx
+        else:
+            idx = device_index(present, self.device)
+            self.nonfinite.index_add_(0, idx, flagged)
+            layers = self.layer_idx[idx]
+        if self.origin is not None:  # backward runs from the deepest layer
+            self.origin.note(layers, flagged, 1, last=True)
+        self._nonfinite_seen.push(bad.any())
+        return norms.masked_fill(bad, float("nan"))
 
     def _masked_norms(self, dense: list[torch.Tensor], present) -> torch.Tensor:
         """Norms of the finite part; count the non-finite elements per layer. One gradient at a time, so
@@ -233,6 +261,8 @@ class GradientStats:
 
     def finish(self, host: list[np.ndarray]) -> dict[str, np.ndarray]:
         mean, peak, turbulence, global_norm, nonfinite, nonzero, counted = host
+        if self.robust and nonfinite.any():  # the run has shown a non-finite gradient: exact from now on
+            self.exact = True
         if self.in_interval:  # otherwise nothing new: carry the last interval forward
             self._prev_pressure = self._last_pressure
             self._last_pressure, self._last_peak = mean, peak
