@@ -13,6 +13,7 @@ thread, like the reference figures in the README:
     python bench/overhead.py --workloads tiny --rounds 30
     python bench/overhead.py --compile --workloads tiny mlp    # both copies torch.compile'd
     python bench/overhead.py --runs 2 --table      # two full runs, then a README-ready Markdown table
+    python bench/overhead.py --device cuda --runs 2 --table    # on a GPU (wall clock, synced per step)
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def _step(model, opt, batch, agent=None) -> None:
 CLOCK = time.process_time
 FORWARD: dict[int, Callable] = {}  # id(model) -> its compiled forward (--compile)
 COMPILE = False
+DEVICE = torch.device("cpu")
 SETTLE = 1024
 CADENCE: dict[str, str] = {}  # workload -> 'activation/parameter cadence' the budget settled at (last)
 
@@ -118,6 +120,8 @@ def _block(model, opt, batch, steps, agent=None) -> float:
     for _ in range(steps):
         t0 = CLOCK()
         _step(model, opt, batch, agent)
+        if DEVICE.type == "cuda":  # the bench waits for the step's kernels (the agent itself never does)
+            torch.cuda.synchronize()
         times.append(CLOCK() - t0)
     return statistics.median(times)
 
@@ -125,7 +129,12 @@ def _block(model, opt, batch, steps, agent=None) -> float:
 def measure(name: str, config: dict, rounds: int, steps: int) -> tuple[list[float], float]:
     """(the ratio of every round, the median unmonitored step time)."""
     torch.manual_seed(0)
-    model, batch = workloads()[name]()
+    model, cpu_batch = workloads()[name]()
+    model = model.to(DEVICE)
+    on_device = tuple(t.to(DEVICE) for t in cpu_batch())
+
+    def batch():
+        return on_device
     twin = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), 1e-4)
     opt_twin = torch.optim.Adam(twin.parameters(), 1e-4)
@@ -171,18 +180,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile both copies")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (wall clock, a sync after each step)")
     parser.add_argument("--runs", type=int, default=1, help="full runs over every workload (the table pools "
                                                              "their rounds)")
     parser.add_argument("--settle", type=int, default=1024, help="agent steps before measuring, for the "
                                                                  "overhead budget to settle its cadence")
     parser.add_argument("--table", action="store_true", help="end with a Markdown table for the README")
     args = parser.parse_args()
-    global CLOCK, COMPILE, SETTLE
-    COMPILE, SETTLE = args.compile, args.settle
-    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    global CLOCK, COMPILE, SETTLE, DEVICE
+    COMPILE, SETTLE, DEVICE = args.compile, args.settle, torch.device(args.device)
+    # on an accelerator the step is the device's time: wall clock (process time would miss it)
+    CLOCK = time.process_time if args.clock == "cpu" and DEVICE.type == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     plan = {"transformer": (8, 3), "mlp": (10, 4), "cnn": (10, 4), "tiny": (30, 50), "deep": (6, 5)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.clock} clock, gradflow_agent "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+          f"{'cpu' if CLOCK is time.process_time else 'wall'} clock, {DEVICE}, gradflow_agent "
           f"{gradflow_agent.__version__}{', compiled' if COMPILE else ''}")
     print(f"{'workload':<12} {'config':<8} {'step (ms)':>10} {'ratio':>7}  {'min-max':>13} {'every (act/par)':>15}")
     pooled: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
