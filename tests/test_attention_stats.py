@@ -366,6 +366,9 @@ def test_plugin_exports_through_a_real_agent():
                                                                           "addr": "127.0.0.1"}}), optimizer=opt)
     plugin = A.AttentionPlugin(model)
     agent.add_plugin(plugin)
+    depths = []  # inside the observation, is the agent's clock running? (its overhead budget sees the time)
+    observe = plugin.stats.observe
+    plugin.stats.observe = lambda *a: (depths.append(getattr(agent.clock._local, "depth", 0)), observe(*a))[1]
     ids = torch.randint(0, 100, (2, 12))
     for _ in range(3):
         loss = model(input_ids=ids, labels=ids).loss
@@ -384,6 +387,7 @@ def test_plugin_exports_through_a_real_agent():
     assert 'gradflow_attention_entropy_ratio{layer="model.layers.0.self_attn",rank="0",run="default"}' in text
     assert "# TYPE gradflow_attention_head_diversity gauge" in text
     assert plugin.handle.removed and not A._HANDLES and "attention" not in snap.errors
+    assert depths and all(d >= 1 for d in depths[len(depths) // 3:])  # timed once bound (after step 1)
 
 
 # -- the analyzers ------------------------------------------------------------------------------------------------

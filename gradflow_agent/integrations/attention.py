@@ -328,9 +328,13 @@ class _Busy:
 
     def __enter__(self) -> None:
         _STATE.busy += 1
+        if self.handle.clock is not None:  # the agent's own time (its overhead budget sees it)
+            self.handle.clock.__enter__()
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
         _STATE.busy -= 1
+        if self.handle.clock is not None:
+            self.handle.clock.__exit__(kind, exc, tb)
         if exc is not None and isinstance(exc, Exception):
             self.handle.errors.record(COMPONENT, exc)
             return True  # never raised into the model's forward
@@ -360,6 +364,7 @@ class AttentionHandle:
         self.active = active
         self.exclude = set(exclude)
         self.errors = errors if errors is not None else ErrorCounter()
+        self.clock: Any = None  # an AgentClock once an agent binds it: the observations' time is the agent's
         self.compiled = compiled
         self.names: dict[int, str] = {id(m): (n or "(root)") for n, m in model.named_modules()}
         self.unsupported: dict[str, str] = {}  # layer -> why it could not be observed
@@ -543,6 +548,7 @@ class AttentionPlugin:
         if self._agent is not agent:
             self._agent = agent
             self.handle.errors = agent.errors
+            self.handle.clock = agent.clock
 
     def collect(self) -> list[tuple[Metric, dict[str, str], float]]:
         from ..stats.engine import transfer
