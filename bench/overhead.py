@@ -166,8 +166,7 @@ def measure(name: str, config: dict, rounds: int, steps: int) -> tuple[list[floa
             b = _block(twin, opt_twin, batch, steps, agent)
         ratios.append(b / a)
         base.append(a)
-    CADENCE[name] = f"{agent.activation_every * agent.config.sampling.every_n_steps}/" \
-        f"{agent._param_every * agent.budget.parameters if agent.config.stats.parameters.enabled else 0}"
+    CADENCE[name] = f"{agent.activation_every_steps}/{agent.parameter_every}"
     agent.detach()
     return ratios, statistics.median(base)
 

@@ -355,12 +355,23 @@ class Agent:
                            c.sampling.export_every_n_steps, c.sampling.export_every_seconds)
 
     def _param_due(self, step: int) -> bool:
-        return self._step_cfg.parameters and step % (self._param_every * self.budget.parameters) == 0
+        every = self.parameter_every
+        return bool(every) and step % every == 0
 
     @property
     def activation_every(self) -> int:
         """Activations are measured on every k-th computed step (k raised by the overhead budget)."""
         return self.budget.activations
+
+    @property
+    def activation_every_steps(self) -> int:
+        """Activations are measured on every n-th step: the computed-step cadence times the budget's stretch."""
+        return self.activation_every * self._step_cfg.every
+
+    @property
+    def parameter_every(self) -> int:
+        """Parameter statistics are measured on every n-th step (n raised by the overhead budget; 0: off)."""
+        return self._param_every * self.budget.parameters if self._step_cfg.parameters else 0
 
     def _read_gradients(self) -> None:
         if self.hooks.active:
@@ -604,9 +615,8 @@ class Agent:
             "layers": float(L),
             "layers_skipped": float(self.layers_skipped),
             "optimizer_steps_skipped_total": float(self.skipped_optimizer_steps),
-            "activation_every_steps": float(self.activation_every * self.config.sampling.every_n_steps),
-            "parameter_every_steps": float(self._param_every * self.budget.parameters
-                                           if self._step_cfg.parameters else 0),
+            "activation_every_steps": float(self.activation_every_steps),
+            "parameter_every_steps": float(self.parameter_every),
             "overhead_ratio": float(self.budget.current_share),
         }
         if scale_host:

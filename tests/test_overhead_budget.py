@@ -144,3 +144,23 @@ def test_nested_timed_sections_count_their_time_once(monkeypatch):
         threading.Thread(target=other_thread).start()
         done.wait(5)
     assert clock.seconds == 8.0 + 16.0 + 16.0  # the outer section here spanned the other thread's 16 s too
+
+
+def test_the_agent_never_counts_more_of_its_own_time_than_has_passed():
+    """Optimizer hook -> step boundary -> snapshot nest on every step here (a snapshot per step): the
+    agent's time, counted once, cannot exceed the wall time of the loop (counted at each level it
+    would be about three times the snapshots' time)."""
+    import time
+
+    from tests.conftest import train
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    agent = gradflow_agent.attach(model, config(sampling={"export_every_n_steps": 1, "overhead_budget": 0.0}),
+                                  optimizer=opt)
+    before = agent.clock.seconds
+    t0 = time.perf_counter()
+    train(model, opt, 60, agent)
+    wall = time.perf_counter() - t0
+    own = agent.clock.seconds - before
+    agent.detach()
+    assert 0 < own <= wall, (own, wall)

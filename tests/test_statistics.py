@@ -326,3 +326,34 @@ def test_output_gradients_cover_parameterless_layers_even_before_inplace_ops():
     agent.detach()
     for name in ("0", "1"):
         assert snap.layer(name)["output_grad_norm"] == pytest.approx(seen[name], rel=1e-5)
+
+
+def test_the_accelerator_gradient_watch_dispatches_the_same_ops_whatever_the_number_of_parameters():
+    """One fused norm per step: the ops the watch dispatches do not grow with the parameter count (the
+    exact path, after a non-finite gradient, does: four per gradient)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from gradflow_agent.stats.gradients import GradientStats
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(n: int, exact: bool) -> int:
+        params = [nn.Parameter(torch.randn(4, 4)) for _ in range(n)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        stats = GradientStats(params, list(range(n)), n, torch.device("cpu"), rows=4, window=4, robust=True)
+        stats.exact = exact
+        stats.read(step=1)  # first read: caches (index tensors) made
+        with Count() as count:
+            stats.read(step=2)
+        return count.ops
+
+    assert ops(10, exact=False) == ops(200, exact=False) < 20
+    assert ops(200, exact=True) >= 4 * 200

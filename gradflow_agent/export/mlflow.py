@@ -12,14 +12,13 @@ in `exporters.mlflow.tracking_uri` is an explicit choice of that store, so the b
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 
 from .._optional import require
 from ..snapshot import Snapshot
 from .tensorboard import BridgeView
-from .worker import ABORT_MARGIN, remaining, resolve_deadline
+from .worker import call_by_deadline
 
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
 MAX_EVENTS = 1000  # issue events kept for the artifact (the newest)
@@ -97,19 +96,6 @@ class MlflowSink:
         """End the bridge's own run (FINISHED) by `deadline`; a run it did not start is left open."""
         if not self.owned:
             return
-        done = threading.Event()
-        failure: list[BaseException] = []
-
-        def terminate() -> None:
-            try:
-                self.client.set_terminated(self.run_id, "FINISHED", end_time=int(time.time() * 1000))
-            except BaseException as exc:  # reported by close()
-                failure.append(exc)
-            finally:
-                done.set()
-
-        threading.Thread(target=terminate, name="gradflow-mlflow-close", daemon=True).start()
-        if not done.wait(max(0.0, remaining(resolve_deadline(deadline)) - ABORT_MARGIN)):
-            raise TimeoutError(f"mlflow: run {self.run_id} was not ended by the close deadline")
-        if failure:
-            raise failure[0]
+        call_by_deadline(
+            lambda: self.client.set_terminated(self.run_id, "FINISHED", end_time=int(time.time() * 1000)),
+            deadline, "gradflow-mlflow-close", f"mlflow: run {self.run_id} was not ended")

@@ -6,13 +6,12 @@ Needs the `wandb` extra. Names are the shared bridge names (export/tensorboard.p
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 from .._optional import require
 from ..snapshot import Snapshot
 from .tensorboard import LAYER_KEYS, BridgeView
-from .worker import ABORT_MARGIN, remaining, resolve_deadline
+from .worker import call_by_deadline
 
 MAX_EVENTS = 200  # issue changes kept in the summary (the newest)
 MAX_ACTIVE = 100  # active issues listed in the summary (all are counted in run/issues)
@@ -77,19 +76,4 @@ class WandbSink:
         """Finish the bridge's own run by `deadline` (offline: the local run files); a user's run stays open."""
         if not self.owned:
             return
-        done = threading.Event()
-        failure: list[BaseException] = []
-
-        def finish() -> None:
-            try:
-                self.run.finish()
-            except BaseException as exc:  # reported by close()
-                failure.append(exc)
-            finally:
-                done.set()
-
-        threading.Thread(target=finish, name="gradflow-wandb-close", daemon=True).start()
-        if not done.wait(max(0.0, remaining(resolve_deadline(deadline)) - ABORT_MARGIN)):
-            raise TimeoutError("wandb: the run did not finish by the close deadline")
-        if failure:
-            raise failure[0]
+        call_by_deadline(self.run.finish, deadline, "gradflow-wandb-close", "wandb: the run did not finish")

@@ -60,6 +60,28 @@ def begin_close(sink, deadline: float | None) -> float | None:
     return resolve_deadline(deadline)
 
 
+def call_by_deadline(fn, deadline: float | None, name: str, what: str) -> None:
+    """Run `fn` (a blocking close call of a client library) on a daemon thread and wait for it until
+    `deadline`, less ABORT_MARGIN: its exception is raised here; a call still running then raises
+    TimeoutError naming `what`, and is left to finish on its own."""
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # raised by the caller below
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=call, name=name, daemon=True).start()
+    if not done.wait(max(0.0, remaining(resolve_deadline(deadline)) - ABORT_MARGIN)):
+        raise TimeoutError(f"{what} by the close deadline")
+    if failure:
+        raise failure[0]
+
+
 @atexit.register
 def _close_open_sinks() -> None:
     """At exit: close every sink still open, concurrently, by one deadline (DEFAULT_CLOSE_SECONDS)."""

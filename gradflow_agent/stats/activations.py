@@ -30,7 +30,7 @@ import math
 import numpy as np
 import torch
 
-from .engine import device_index
+from .engine import as_numpy, device_index
 from .kinds import OutputKind
 from .sharding import is_dtensor
 
@@ -39,7 +39,6 @@ from .sharding import is_dtensor
 COLS = ("sum", "view_sum", "view_sumsq", "view_nonzero", "view_saturated", "nonfinite", "view_nonfinite")
 N_COLS = len(COLS)
 _WIDE = (torch.float16, torch.bfloat16)
-_NUMPY = (torch.float32, torch.float64)
 
 
 def _nonzero(v: torch.Tensor) -> torch.Tensor:
@@ -55,16 +54,6 @@ def _columns(v: torch.Tensor) -> torch.Tensor:
     sq = v[..., 2:3].square()
     nonzero = v[..., 3:4] + v[..., 6:7]
     return torch.cat([v[..., :2], sq, nonzero, v[..., 4:N_COLS]], dim=-1)
-
-
-def _as_numpy(y: torch.Tensor) -> np.ndarray | None:
-    """The float32/float64 CPU tensor `y` (detached) as a numpy array on the same memory, else None."""
-    if y.dtype not in _NUMPY or type(y) is not torch.Tensor or y.device.type != "cpu":
-        return None
-    try:
-        return y.numpy()
-    except (RuntimeError, TypeError):  # negative-bit or otherwise unusual views
-        return None
 
 
 def strided_view(y: torch.Tensor, limit: int, keep: set[int]) -> torch.Tensor:
@@ -220,7 +209,7 @@ class ActivationStats:
         float32/float64 outputs are reduced by numpy on the same memory: the same sums in a quarter of the
         per-call cost of torch's dispatch (and no branchy zero count). `view` None: the output is small
         enough to be its own view, so its sum is already known."""
-        a = _as_numpy(y)
+        a = as_numpy(y)
         if a is None:  # half precision, a tensor subclass, a negative-bit view: torch, as before
             wide = y.dtype in _WIDE
             total = (torch.sum(y, dtype=torch.float32) if wide else torch.sum(y)).item()
@@ -306,7 +295,7 @@ class ActivationStats:
 
     def _track_units(self, i: int, y: torch.Tensor, dims: tuple[int, ...]) -> None:
         buf = self._unit_max.get(i)
-        a = _as_numpy(y) if self.on_host else None
+        a = as_numpy(y) if self.on_host else None
         if a is not None and buf is not None and buf.dtype == torch.float32:
             unit_max = a.max(axis=dims)  # numpy on the same memory: cheaper than torch's dispatch
             if unit_max.shape == buf.shape:

@@ -7,6 +7,20 @@ from typing import Any
 import numpy as np
 import torch
 
+_NUMPY_FLOATS = (torch.float32, torch.float64)
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray | None:
+    """A float32/float64 CPU tensor as a numpy array on the same memory (numpy reduces small tensors
+    several times faster than torch's per-op dispatch); None for anything else - half precision, a
+    subclass, a tensor that requires grad, an unusual view - which torch then reduces."""
+    if t.dtype not in _NUMPY_FLOATS or type(t) is not torch.Tensor or t.device.type != "cpu":
+        return None
+    try:
+        return t.numpy()
+    except (RuntimeError, TypeError):  # requires grad, negative-bit or otherwise unusual views
+        return None
+
 
 class _IndexCache:
     """Device index tensors, created once per (indices, device): a host list turned into a device tensor

@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from .engine import LaggedFlag, device_index
+from .engine import LaggedFlag, as_numpy, device_index
 from .sharding import ShardSums, is_dtensor, local
 
 
@@ -39,29 +39,23 @@ def _dense_all(grads: list[torch.Tensor], sharded: bool) -> list[torch.Tensor]:
 
 def _count_nonzero_cpu(g: torch.Tensor) -> float:
     """Non-zero elements of a CPU gradient: numpy on the same memory for float32/float64."""
-    if g.dtype in (torch.float32, torch.float64) and type(g) is torch.Tensor and not g.requires_grad:
-        try:
-            return float(np.count_nonzero(g.numpy() != 0))  # counting a bool array is the fast path
-        except (RuntimeError, TypeError):  # an unusual view (negative bit): torch below
-            pass
-    return float(torch.count_nonzero(g))
+    a = as_numpy(g)
+    return float(np.count_nonzero(a != 0)) if a is not None else float(torch.count_nonzero(g))
 
 
 def _norms_numpy(grads: list[torch.Tensor], out: np.ndarray) -> bool:
     """Per-gradient L2 norms into `out` (a row of the CPU ring, same memory) with numpy's dot on the
     gradients' own memory: ~1.5 us a tensor, where `torch._foreach_norm` on the CPU is a loop of ~3 us
-    a tensor plus a stack (~40 us a step for a 4-layer MLP, most of what the agent costs there). False
-    when a gradient is not a plain contiguous float32/float64 tensor: torch does those."""
+    a tensor plus a stack (~40 us a step for a 4-layer MLP). False when a gradient is not a plain
+    contiguous float32/float64 tensor (a copy would cost what torch does): torch does those."""
     for k, g in enumerate(grads):
-        if g.dtype not in _NUMPY_FLOATS or type(g) is not torch.Tensor or g.requires_grad or not g.is_contiguous():
+        a = as_numpy(g) if g.is_contiguous() else None
+        if a is None:
             return False
-        a = g.numpy().reshape(-1)
+        a = a.reshape(-1)
         out[k] = np.dot(a, a)
     np.sqrt(out, out=out)
     return True
-
-
-_NUMPY_FLOATS = (torch.float32, torch.float64)
 
 
 class GradientStats:
