@@ -5,7 +5,9 @@ steps alternate between them (A B A B ...) so that machine noise hits both alike
 ratio of the two blocks' median step times; the table shows the median ratio and its min-max over the
 rounds. Step time is the process's CPU time (`time.process_time`, which also counts the agent's own
 threads): on a shared machine it is far less disturbed by other processes than wall time, and with
-one thread it equals the wall time of an otherwise idle machine. `--clock wall` uses wall time.
+one thread it equals the wall time of an otherwise idle machine. `--clock wall` uses wall time. While
+the agent trains, another process scrapes its /metrics (`--scrape`, 1 per second by default, as
+bench/scrape.py does; 0: none), so the step times include serving the scrapes.
 `--runs 2 --table` repeats the whole run and ends with a Markdown table of the pooled rounds. Run on one
 thread, like the reference figures in the README:
 
@@ -30,6 +32,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scrape import Scraper  # noqa: E402  (bench/scrape.py, next to this file)
+
 import gradflow_agent  # noqa: E402
 
 CONFIGS = {
@@ -112,6 +116,7 @@ FORWARD: dict[int, Callable] = {}  # id(model) -> its compiled forward (--compil
 COMPILE = False
 DEVICE = torch.device("cpu")
 SETTLE = 1024
+SCRAPE = 1.0  # scrapes of the monitored copy's /metrics per second, from another process (0: none)
 CADENCE: dict[str, str] = {}  # workload -> 'activation/parameter cadence' the budget settled at (last)
 
 
@@ -139,6 +144,9 @@ def measure(name: str, config: dict, rounds: int, steps: int) -> tuple[list[floa
     opt = torch.optim.Adam(model.parameters(), 1e-4)
     opt_twin = torch.optim.Adam(twin.parameters(), 1e-4)
     agent = gradflow_agent.attach(twin, config, optimizer=opt_twin)
+    scraper = Scraper(agent.prometheus_url, SCRAPE) if SCRAPE > 0 and agent.prometheus_url else None
+    if scraper is not None:
+        scraper.on()
     if COMPILE:  # attach first, then compile: the agent's statistics are traced into the graph
         FORWARD[id(model)], FORWARD[id(twin)] = torch.compile(model), torch.compile(twin)
     for _ in range(2):  # warm-up both
@@ -167,6 +175,8 @@ def measure(name: str, config: dict, rounds: int, steps: int) -> tuple[list[floa
         ratios.append(b / a)
         base.append(a)
     CADENCE[name] = f"{agent.activation_every_steps}/{agent.parameter_every}"
+    if scraper is not None and not scraper.stop():
+        raise SystemExit(f"bench: nothing scraped {agent.prometheus_url} during {name}")
     agent.detach()
     return ratios, statistics.median(base)
 
@@ -184,17 +194,20 @@ def main() -> None:
                                                              "their rounds)")
     parser.add_argument("--settle", type=int, default=1024, help="agent steps before measuring, for the "
                                                                  "overhead budget to settle its cadence")
+    parser.add_argument("--scrape", type=float, default=1.0, help="scrapes of /metrics per second while the "
+                                                                    "agent trains (0: no scraper)")
     parser.add_argument("--table", action="store_true", help="end with a Markdown table for the README")
     args = parser.parse_args()
-    global CLOCK, COMPILE, SETTLE, DEVICE
-    COMPILE, SETTLE, DEVICE = args.compile, args.settle, torch.device(args.device)
+    global CLOCK, COMPILE, SETTLE, DEVICE, SCRAPE
+    COMPILE, SETTLE, DEVICE, SCRAPE = args.compile, args.settle, torch.device(args.device), args.scrape
     # on an accelerator the step is the device's time: wall clock (process time would miss it)
     CLOCK = time.process_time if args.clock == "cpu" and DEVICE.type == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     plan = {"transformer": (8, 3), "mlp": (10, 4), "cnn": (10, 4), "tiny": (30, 50), "deep": (6, 5)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"{'cpu' if CLOCK is time.process_time else 'wall'} clock, {DEVICE}, gradflow_agent "
-          f"{gradflow_agent.__version__}{', compiled' if COMPILE else ''}")
+          f"{gradflow_agent.__version__}{', compiled' if COMPILE else ''}, "
+          f"{f'/metrics scraped {SCRAPE:g}/s' if SCRAPE > 0 else 'no scraper'}")
     print(f"{'workload':<12} {'config':<8} {'step (ms)':>10} {'ratio':>7}  {'min-max':>13} {'every (act/par)':>15}")
     pooled: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
     cadences: dict[tuple[str, str], list[str]] = {}
@@ -222,7 +235,7 @@ def table(pooled: dict[tuple[str, str], tuple[list[float], list[float]]], cadenc
     activation cadences the overhead budget settled at."""
     lines = ["", f"`{' '.join(['python', 'bench/overhead.py', *sys.argv[1:]])}` (torch {torch.__version__}, "
              f"{torch.get_num_threads()} thread(s), {args.clock} clock, {args.runs} run(s)"
-             f"{', compiled' if args.compile else ''})", "",
+             f"{', compiled' if args.compile else ''}, /metrics scraped {args.scrape:g}/s)", "",
              "| workload | config | step (ms) | ratio (median) | min-max | activations / parameters every |",
              "|---|---|---:|---:|---:|---:|"]
     for (name, cfg_name), (ratios, bases) in pooled.items():

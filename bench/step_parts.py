@@ -7,6 +7,7 @@ caches are cold after the backward pass (a part timed alone, warm, looks about h
 
     python bench/step_parts.py                 # the tiny 4-layer 128-wide MLP of bench/overhead.py
     python bench/step_parts.py --rounds 8 --steps 2000
+    python bench/step_parts.py --compile       # both copies torch.compile'd (attached first)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3000, help="steps per block")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both copies")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -38,10 +40,13 @@ def main(argv: list[str] | None = None) -> None:
     opt, opt_twin = torch.optim.Adam(model.parameters(), 1e-4), torch.optim.Adam(twin.parameters(), 1e-4)
     x, y = torch.randn(32, 128), torch.randint(0, 10, (32,))
 
+    forward = {}  # model -> what its step calls (the compiled module with --compile)
+
     def block(m, o, agent) -> float:
+        f = forward.get(id(m), m)
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            loss = nn.functional.cross_entropy(m(x), y)
+            loss = nn.functional.cross_entropy(f(x), y)
             loss.backward()
             o.step()
             o.zero_grad(set_to_none=True)
@@ -50,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         return (time.perf_counter() - t0) / args.steps * 1e6
 
     agent = gradflow_agent.attach(model, {"exporters": {"prometheus": {"enabled": False}}}, optimizer=opt)
+    if args.compile:
+        forward[id(model)], forward[id(twin)] = torch.compile(model), torch.compile(twin)
     block(model, opt, agent)  # the overhead budget settles
     print(f"activations every {agent.activation_every}, parameters every {agent.parameter_every} steps; "
           f"unmonitored step {block(twin, opt_twin, None):.0f} us")

@@ -432,12 +432,14 @@ class HookManager(HandleSet):
                          pre: Callable[[], None], post: Callable[[], None]) -> None:
         self._owned_params = {id(p) for p in params}
 
+        clock, guard = self.clock, self.errors.guard
+
         def guarded(fn, name):
             def run(opt, args, kwargs):
-                if not self._is_ours(opt):
+                if opt is not self._optimizer and not self._is_ours(opt):
                     return
-                with self.clock:
-                    self.errors.guard(name, fn)
+                with clock:
+                    guard(name, fn)
             return run
 
         if optimizer is not None:

@@ -71,6 +71,7 @@ class OverheadBudget:
         self._last: tuple[float, float] | None = None  # (clock, agent seconds) at the previous step end
         self._own = self._wall = 0.0
         self._steps = 0
+        self._window = WINDOW  # `window`, kept current by whatever changes a stretch (read on every step)
 
     @property
     def stretch_parameters(self) -> bool:
@@ -81,6 +82,7 @@ class OverheadBudget:
         self._stretch_parameters = allowed and self._can_stretch_parameters
         if not self._stretch_parameters:
             self.parameters = 1
+        self._window = self.window
 
     @property
     def current_share(self) -> float:
@@ -99,12 +101,14 @@ class OverheadBudget:
         if wall <= 0:
             return False
         self._own, self._wall, self._steps = self._own + own, self._wall + wall, self._steps + 1
-        if self._steps < self.window:
+        if self._steps < self._window:
             return False
         self.share = min(self._own / self._wall, 1.0)
         self._own = self._wall = 0.0
         self._steps = 0
-        return bool(self.budget) and self._judge(self.share)
+        changed = bool(self.budget) and self._judge(self.share)
+        self._window = self.window
+        return changed
 
     @property
     def window(self) -> int:

@@ -285,6 +285,13 @@ def test_loss_is_published_once_given_and_a_nan_loss_stays_nan():
     assert agent.snapshot().loss == 3.0
     agent.step()
     assert agent.snapshot().loss == 3.0  # an interval without a loss keeps the last one
+    agent.step(loss=torch.tensor([1.0, 3.0]))  # a per-sample loss counts as its mean, once
+    agent.step(loss=torch.tensor([5.0, 7.0]))
+    agent.step(loss=1.0)
+    assert agent.snapshot().loss == 3.0  # (2 + 6 + 1) / 3
+    agent.step(loss=torch.tensor([1.0, 3.0]))  # losses of different shapes in one interval
+    agent.step(loss=torch.tensor(6.0, dtype=torch.float64))
+    assert agent.snapshot().loss == 4.0
     agent.step(loss=torch.tensor(float("nan")))
     values = [v for m, _, v in samples(agent.snapshot(), agent.info) if m.name == "gradflow_loss"]
     agent.detach()

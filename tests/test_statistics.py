@@ -204,26 +204,40 @@ def test_gradient_accumulation_gives_one_reading_per_optimizer_step():
     assert snap.layer("0")["grad_pressure_max"] == pytest.approx(max(expected), rel=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["float32", "float64", "bfloat16", "channels_last", "nan"])
+@pytest.mark.parametrize("kind", ["float32", "float64", "bfloat16", "float16", "channels_last", "expanded", "nan",
+                                  "inf", "missing", "frozen", "zero_counts"])
 def test_the_cpu_gradient_norms_read_by_numpy_equal_torch_and_odd_gradients_fall_back(kind):
-    """The CPU ring row is filled by numpy's dot on the gradients' memory; a gradient numpy cannot read
-    as it is (bfloat16, non-contiguous) sends the whole row through torch, a NaN through the masked path."""
+    """The CPU ring row is filled by numpy's dot straight from each `p.grad`; a gradient numpy cannot
+    read exactly as it is (bfloat16, float16, non-contiguous, expanded), a missing or frozen one sends
+    the row through torch, a non-finite one through the masked path. Every case equals torch."""
     from gradflow_agent.stats.gradients import GradientStats
-    dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16}.get(kind, torch.float32)
+    dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(kind, torch.float32)
     params = [nn.Parameter(torch.randn(*shape, dtype=dtype)) for shape in ((8, 3, 3, 3), (8,), (5, 7))]
     for p in params:
         p.grad = torch.randn_like(p) * 3
     if kind == "channels_last":
         params[0].grad = params[0].grad.contiguous(memory_format=torch.channels_last)
-    if kind == "nan":
-        params[2].grad[1, 2] = float("nan")
+    if kind == "expanded":
+        params[1].grad = torch.randn(1).expand(8)
+    if kind in ("nan", "inf"):
+        params[2].grad[1, 2] = float(kind)
+    if kind == "missing":
+        params[1].grad = None
+    if kind == "frozen":  # frozen mid-run: a stale gradient left in .grad is not this step's
+        params[1].requires_grad_(False)
+    if kind == "zero_counts":
+        params[2].grad[0] = 0.0
     stats = GradientStats(params, [0, 0, 1], 2, torch.device("cpu"), rows=4, window=4)
-    stats.read(step=1)
+    stats.read(count_zeros=kind == "zero_counts", step=1)
     got = stats.ring[stats.pos].double().numpy()
-    clean = [torch.nan_to_num(p.grad.double(), nan=0.0) for p in params]
-    want = np.array([float(g.norm()) for g in clean])
-    assert got == pytest.approx(want, rel=1e-2 if kind == "bfloat16" else 1e-6)
-    assert stats.nonfinite.tolist() == [0, 0, 1 if kind == "nan" else 0]
+    absent = kind in ("missing", "frozen")
+    want = np.array([math.nan if absent and k == 1 else float(torch.nan_to_num(p.grad.double(), 0.0, 0.0, 0.0).norm())
+                     for k, p in enumerate(params)])
+    assert got == pytest.approx(want, rel=1e-2 if kind in ("bfloat16", "float16") else 1e-6, nan_ok=True)
+    assert stats.nonfinite.tolist() == [0, 0, 1 if kind in ("nan", "inf") else 0]
+    if kind == "zero_counts":  # the exact zeros of this step: 7 in the last parameter, none elsewhere
+        assert stats.nonzero.tolist() == [216, 8, 28]
+        assert stats.counted.tolist() == [216, 8, 35]
 
 
 def _plant_nonfinite(model, opt) -> torch.Tensor:

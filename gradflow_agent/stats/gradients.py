@@ -43,19 +43,28 @@ def _count_nonzero_cpu(g: torch.Tensor) -> float:
     return float(np.count_nonzero(a != 0)) if a is not None else float(torch.count_nonzero(g))
 
 
-def _norms_numpy(grads: list[torch.Tensor], out: np.ndarray) -> bool:
-    """Per-gradient L2 norms into `out` (a row of the CPU ring, same memory) with numpy's dot on the
-    gradients' own memory: ~1.5 us a tensor, where `torch._foreach_norm` on the CPU is a loop of ~3 us
-    a tensor plus a stack (~40 us a step for a 4-layer MLP). False when a gradient is not a plain
-    contiguous float32/float64 tensor (a copy would cost what torch does): torch does those."""
-    for k, g in enumerate(grads):
-        a = as_numpy(g) if g.is_contiguous() else None
-        if a is None:
-            return False
+def _param_norms_numpy(params: list[torch.nn.Parameter], out: np.ndarray) -> float | None:
+    """The CPU hot path: every trainable parameter's gradient norm into `out` (its ring row), straight
+    from `p.grad` with numpy, and the sum of their squares (finite when every gradient is); no list or
+    array built per step, and no numpy reduction, whose call costs ~7 us in place, cold after the
+    backward. None - nothing taken - as soon as one gradient is missing, frozen, sparse, a subclass, not
+    contiguous, not float32/float64 or not viewable by numpy: the general path reads those."""
+    total = 0.0
+    for k, p in enumerate(params):
+        g = p.grad
+        if g is None or not p.requires_grad or type(g) is not torch.Tensor:
+            return None
+        try:  # numpy refuses sparse, bfloat16, conj/neg views and gradients with a graph
+            a = g.numpy()
+        except (RuntimeError, TypeError):
+            return None
+        if a.dtype.char not in "fd" or not a.flags.c_contiguous:  # float16, complex; a copy would cost more
+            return None
         a = a.reshape(-1)
-        out[k] = np.dot(a, a)
-    np.sqrt(out, out=out)
-    return True
+        sq = float(a.dot(a))
+        total += sq
+        out[k] = math.sqrt(sq)  # nan and inf pass through
+    return total
 
 
 class GradientStats:
@@ -76,6 +85,7 @@ class GradientStats:
         n = len(params)
         self.ring = torch.full((rows, max(n, 1)), float("nan"), dtype=torch.float32, device=device)
         self.pos = -1  # row of the latest step
+        self._n_rows = rows
         self._rows = self.ring.unbind(0)  # a view per row, made once (indexing makes one per call)
         self._ring_np = self.ring.numpy() if self.ring.device.type == "cpu" else None  # the same memory
         self.row_step = np.full(rows, -1, dtype=np.int64)  # the step each row was read at (-1: not given)
@@ -93,6 +103,8 @@ class GradientStats:
                                    device=device)
         self.shards = ShardSums(params, device)
         self._dtensors = any(map(is_dtensor, params))
+        # plain CPU gradients: read by `_param_norms_numpy` (`_read_general` when it declines)
+        self._numpy_first = self._ring_np is not None and not self.robust and not self._dtensors
         self._layer_of_param = list(layer_of_param)
         self._last_zero_ratio = np.full(n_layers, np.nan)
         self._last_peak = np.full(n_layers, np.nan)
@@ -104,9 +116,19 @@ class GradientStats:
         """Record the current gradients of every trainable parameter as one ring row (of step `step`)."""
         if not self.params:
             return
-        self.pos = (self.pos + 1) % self.ring.shape[0]
-        self.row_step[self.pos] = step
-        row = self._rows[self.pos]
+        self.pos = pos = (self.pos + 1) % self._n_rows
+        self.row_step[pos] = step
+        sq = _param_norms_numpy(self.params, self._ring_np[pos]) if self._numpy_first else None
+        if sq is not None and math.isfinite(sq):  # the CPU hot path: every gradient plain and finite
+            if count_zeros:
+                self._count_nonzero([p.grad for p in self.params], range(len(self.params)))
+        else:  # some gradient missing, sharded, sparse, unusual or not finite; or an accelerator
+            self._read_general(self._rows[pos], count_zeros, finite=sq is None)
+        self.filled = min(self.filled + 1, self._n_rows)
+        self.in_interval = min(self.in_interval + 1, self._n_rows)
+
+    def _read_general(self, row: torch.Tensor, count_zeros: bool, finite: bool) -> None:
+        """Every other case, into `row`: `finite` False when the CPU hot path saw a non-finite norm."""
         # a frozen parameter has no gradient now, even if a stale one is left in .grad (frozen mid-run)
         grads = [p.grad if p.requires_grad else None for p in self.params]
         if all(g is not None for g in grads):
@@ -115,31 +137,25 @@ class GradientStats:
             present = [k for k, g in enumerate(grads) if g is not None]
             dense = [_dense(grads[k]) for k in present]
             row.fill_(float("nan"))
-        if dense:
-            if self.robust and not self.exact and not self._nonfinite_seen.seen():
-                norms = self._flagged_norms(dense, present)
-            elif self.robust:
-                self.exact = True
+        if not dense:
+            return
+        if self.robust and not self.exact and not self._nonfinite_seen.seen():
+            norms = self._flagged_norms(dense, present)
+        elif self.robust or not finite:
+            self.exact = self.robust
+            norms = self._masked_norms(dense, present)
+        else:  # every gradient present: stacked straight into the ring row (no copy; out= has no autograd)
+            into_row = len(present) == len(grads) and not dense[0].requires_grad
+            norms = torch.stack(torch._foreach_norm(dense), out=row if into_row else None)
+            if not math.isfinite(norms.sum().item()):  # CPU only: reading back is free there
                 norms = self._masked_norms(dense, present)
-            elif self._ring_np is not None and len(present) == len(grads) and \
-                    _norms_numpy(dense, self._ring_np[self.pos]):
-                norms = row
-                if not math.isfinite(self._ring_np[self.pos].sum()):
-                    norms = self._masked_norms(dense, present)
-            else:  # every gradient present: stacked straight into the ring row (no copy; out= has no autograd)
-                into_row = len(present) == len(grads) and not dense[0].requires_grad
-                norms = torch.stack(torch._foreach_norm(dense), out=row if into_row else None)
-                if not math.isfinite(norms.sum().item()):  # CPU only: reading back is free there
-                    norms = self._masked_norms(dense, present)
-            if norms is not row:  # masked norms, or some gradients missing
-                if len(present) == len(grads):
-                    row.copy_(norms)
-                else:
-                    row.index_copy_(0, device_index(present, self.device), norms.float())
-            if count_zeros:
-                self._count_nonzero(dense, present)
-        self.filled = min(self.filled + 1, self.ring.shape[0])
-        self.in_interval = min(self.in_interval + 1, self.ring.shape[0])
+        if norms is not row:  # masked norms, or some gradients missing
+            if len(present) == len(grads):
+                row.copy_(norms)
+            else:
+                row.index_copy_(0, device_index(present, self.device), norms.float())
+        if count_zeros:
+            self._count_nonzero(dense, present)
 
     def _count_nonzero(self, dense: list[torch.Tensor], present) -> None:
         """Exact-zero gradient elements per layer (run on the parameter cadence: one op per tensor)."""
