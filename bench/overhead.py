@@ -147,6 +147,7 @@ def measure(name: str, config: dict, rounds: int, steps: int) -> tuple[list[floa
     scraper = Scraper(agent.prometheus_url, SCRAPE) if SCRAPE > 0 and agent.prometheus_url else None
     if scraper is not None:
         scraper.on()
+        scraper.wait_first()
     if COMPILE:  # attach first, then compile: the agent's statistics are traced into the graph
         FORWARD[id(model)], FORWARD[id(twin)] = torch.compile(model), torch.compile(twin)
     for _ in range(2):  # warm-up both

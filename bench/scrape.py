@@ -66,6 +66,8 @@ while os.path.exists(flag + ".run"):
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
         r.read()
     times.append(time.perf_counter() - t0)
+    if len(times) == 1:
+        open(flag + ".first", "w").close()
     time.sleep(max(0.0, period - (time.perf_counter() - t0)))
 open(out, "w").write(" ".join(map(str, times)))
 """
@@ -85,6 +87,14 @@ class Scraper:
 
     def on(self) -> None:
         self.flag.touch()
+
+    def wait_first(self, timeout: float = 60.0) -> None:
+        """Until the first scrape has been served (or raise): a bench measures with the scraper running."""
+        deadline = time.monotonic() + timeout
+        while not (self.dir / "on.first").exists():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise SystemExit(f"bench: the scraper served nothing in {timeout:g} s")
+            time.sleep(0.01)
 
     def off(self) -> None:
         self.flag.unlink(missing_ok=True)

@@ -234,6 +234,7 @@ class Agent:
         if optimizer is None:
             self.hooks.watch_backward(model, self._backward_ended)
         self.forward_clock = ForwardClock(model, self.device)
+        self.forward_clock.idle_with(self.hooks, model)
         # before the wrappers' own pre-forward hooks (FSDP2 unshards the parameters in its own)
         self._first_forward = add_module_hook(model, self._on_first_forward, pre=True, prepend=True)
         if cfg.stats.parameters.enabled and self._param_due(1):
@@ -377,8 +378,8 @@ class Agent:
         if self.hooks.active:
             self.errors.guard("activations", self.act.fold)  # this step's forward comes first
         if self._computed and self._step_cfg.gradients:
-            step = self.steps + 1
-            self.errors.guard("gradients", self.grad.read, self._param_due(step), step)
+            step, every = self.steps + 1, self.parameter_every
+            self.errors.guard("gradients", self.grad.read, bool(every) and step % every == 0, step)
 
     def _before_optimizer_step(self) -> None:
         opt = self.hooks.optimizer
@@ -441,7 +442,8 @@ class Agent:
                 if self.flight is not None:  # the step this loss belongs to: after an optimizer step, its own
                     self.errors.guard("flight_recorder", self.flight.note_loss,
                                       self.steps if self._opt_stepped else self.steps + 1, self._losses[-1])
-            self._count_scaler_skips()
+            if self.scaler is not None:
+                self._count_scaler_skips()
             if self._opt_stepped:
                 self._opt_stepped = False
                 self._follows_with_step = True
@@ -458,12 +460,13 @@ class Agent:
         except Exception as exc:
             self.errors.record("step", exc)
 
-    @_timed
     def _boundary(self) -> None:
+        """The end of a step. Not timed itself: each caller is (the optimizer post-hook, the end of the
+        backward pass, `step()`), and a nested section would only add the clock's own cost."""
         t0 = time.perf_counter()
-        guard = self.errors.guard
+        guard, hooks = self.errors.guard, self.hooks
         with self._lock:
-            if self.hooks.active:
+            if hooks.active:
                 guard("activations", self.act.end_step)
             self.steps = steps = self.steps + 1
             self.origin.step = steps  # the weights after this step's update
@@ -474,11 +477,11 @@ class Agent:
             if self.budget.step_ended(t0, self.clock.seconds):
                 self._cadence_changed()
             every = self._step_cfg.every
-            self._computed = self.steps % every == 0
-            period = every * self.activation_every
-            self.hooks.active = self.steps % period == 0
+            self._computed = steps % every == 0
+            period = every * self.budget.activations
+            hooks.active = active = steps % period == 0
             # a stretch of 3+ unmeasured steps pays for taking the hooks off and back on
-            self.hooks.idle(period >= IDLE_PERIOD and not self.hooks.active)
+            hooks.idle(period >= IDLE_PERIOD and not active)
             for plugin in self.plugins:
                 guard(plugin.name, plugin.on_step, self)
             due = self._due()

@@ -70,8 +70,8 @@ class ErrorCounter:
         except Exception as exc:  # never hurt the run
             self.record(component, exc)
             return default
-        if resets:
-            self.succeeded(component)
+        if resets and self._streak.get(component):  # `succeeded`, inline: this runs several times a step
+            self._streak[component] = 0
         return out
 
     @property

@@ -37,7 +37,7 @@ log = logging.getLogger("gradflow_agent")
 HOOK_DISABLE_AFTER = DISABLE_AFTER
 
 
-def _in_backward() -> bool:
+def in_backward() -> bool:
     """True while autograd runs backward: activation checkpointing re-runs forwards there."""
     try:
         return torch._C._current_graph_task_id() != -1
@@ -283,6 +283,8 @@ class HookManager(HandleSet):
         self._owned_params: set[int] = set()
         self.claims: Callable[[torch.optim.Optimizer], None] | None = None  # set by the agent
         self._fails = [0] * len(layers)  # consecutive failures per layer
+        # other hooks that idle with the forward hooks: (module, hook dict attribute, handle id, hook)
+        self._idle_with: list[tuple[nn.Module, str, int, Callable]] = []
         self._on_backward_end: Callable[[], None] | None = None
         self._backward_task = -2  # graph task whose end is already queued
 
@@ -296,6 +298,9 @@ class HookManager(HandleSet):
         self._idle = False
 
     def _detach_forward(self) -> None:
+        if self._idle:  # the hooks idling with these stay: back in place before the layer hooks go
+            for module, attr, hid, fn in self._idle_with:
+                getattr(module, attr)[hid] = fn
         gone = set(map(id, self._forward_handles))
         for handle in self._forward_handles:
             handle.remove()
@@ -332,14 +337,27 @@ class HookManager(HandleSet):
         if idle and not self._idle:
             for module, hid, _ in self._forward_entries:
                 module._forward_hooks.pop(hid, None)
+            for module, attr, hid, _ in self._idle_with:
+                getattr(module, attr).pop(hid, None)
             self._idle = True
         elif not idle and self._idle:
             self._resume_forward()
 
+    def idle_with(self, module: nn.Module, handle, fn: Callable, *, pre: bool = False) -> None:
+        """Another forward (pre-)hook of the agent's (`handle` from `add_module_hook`) that is only
+        needed on measured steps: it comes off and back with the layer hooks."""
+        self._idle_with.append((module, "_forward_pre_hooks" if pre else "_forward_hooks", handle.id, fn))
+
     def _resume_forward(self) -> None:
         for module, hid, fn in self._forward_entries:
             module._forward_hooks[hid] = fn  # after any hook added meanwhile, like a new registration
+        for module, attr, hid, fn in self._idle_with:
+            getattr(module, attr)[hid] = fn
         self._idle = False
+
+    def remove(self) -> None:
+        self._idle_with = []  # their owners remove them: never put back after this
+        super().remove()
 
     def _forward_hook(self, layer: Layer):
         sets_layout = next(layer.module.parameters(recurse=False), None) is not None
@@ -367,7 +385,7 @@ class HookManager(HandleSet):
                     # a checkpointed region re-runs its forward during backward: the statistics were taken
                     # in the first pass, but the re-run output is the one whose gradient is computed
                     # (reentrant checkpointing runs the first pass under no_grad)
-                    if observe is not None and not _in_backward():
+                    if observe is not None and not in_backward():
                         observe(index, y, self._channels_first)
                     if watch is not None:
                         watch(index, y)
@@ -405,7 +423,7 @@ class HookManager(HandleSet):
     def _root_forward_hook(self, module, inputs, output) -> None:
         # not traced into a compiled graph (a graph break); compiled loops step an optimizer anyway
         if torch.compiler.is_compiling() or self._on_backward_end is None or not torch.is_grad_enabled() \
-                or _in_backward():
+                or in_backward():
             return
         try:
             for t in tensors_of(output):

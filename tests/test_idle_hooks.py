@@ -41,20 +41,23 @@ def _run(idle: bool):
         opt.step()
         opt.zero_grad()
         agent.step()
-        hooked.append(len(model[0]._forward_hooks))
+        hooked.append((len(model[0]._forward_hooks), len(model._forward_hooks), len(model._forward_pre_hooks)))
     snap = agent.snapshot()
     agent.detach()
+    assert not model._forward_hooks and not model._forward_pre_hooks and not model[0]._forward_hooks
     return snap, hooked
 
 
 def test_hooks_are_off_between_measured_steps_and_the_statistics_are_the_same():
     snap, hooked = _run(idle=True)
     reference, always = _run(idle=False)
-    # after step k the next step is measured iff (k) % 4 == 0: hooks only then
-    assert hooked == [1 if (k + 1) % 4 == 0 else 0 for k in range(12)], hooked
-    assert all(n == 1 for n in always)
+    # after step k the next step is measured iff (k) % 4 == 0: hooks only then - the layers' and the
+    # forward clock's two on the root module
+    assert hooked == [(1, 1, 1) if (k + 1) % 4 == 0 else (0, 0, 0) for k in range(12)], hooked
+    assert all(n == (1, 1, 1) for n in always)
     for key in KEYS:
         assert np.array_equal(snap.stats[key], reference.stats[key], equal_nan=True), key
+    assert snap.counters["forward_seconds"] > 0  # timed on the measured steps
 
 
 def test_no_idling_once_something_was_compiled():
@@ -72,3 +75,20 @@ def test_no_idling_once_something_was_compiled():
     finally:
         agent.detach()
     assert len(model[0]._forward_hooks) == 0
+
+
+def test_hooks_idling_with_the_layer_hooks_come_back_when_the_layer_hooks_are_moved():
+    """`reattach_forward` (parameters replaced after attach) while idle: the forward clock's hooks on the
+    root module are put back, not lost with the layer hooks' old handles."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    agent = gradflow_agent.attach(model, config(sampling={"every_n_steps": 4}), optimizer=opt)
+    train(model, opt, steps=1, agent=agent)
+    assert agent.hooks._idle and not model._forward_hooks and not model._forward_pre_hooks
+    agent.hooks.reattach_forward()
+    assert len(model._forward_hooks) == 1 and len(model._forward_pre_hooks) == 1
+    assert len(model[0]._forward_hooks) == 1
+    train(model, opt, steps=8, agent=agent)
+    assert agent.errors.total == 0
+    agent.detach()
+    assert not model._forward_hooks and not model._forward_pre_hooks and not model[0]._forward_hooks

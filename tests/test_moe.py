@@ -344,3 +344,29 @@ def test_the_new_config_keys_are_checked():
         load_config({"stats": {"moe": {"min_assignments_per_expert": 0}}}, environ={})
     with pytest.raises(ConfigError, match="stats.moe.routers"):
         load_config({"stats": {"moe": {"routers": ["layers.[0-9"]}}}, environ={})
+
+
+def test_the_router_statistics_are_timed_on_the_agents_clock():
+    """The overhead budget sees the routers' statistics as the agent's own time: each router hook enters
+    the agent's clock (once the plug-in has met the agent, at its first step)."""
+    import sys
+
+    from gradflow_agent.overhead import AgentClock
+
+    class Recording(AgentClock):
+        def __init__(self):
+            super().__init__()
+            self.callers = []
+
+        def __enter__(self):
+            self.callers.append(sys._getframe(1).f_globals["__name__"])
+            return super().__enter__()
+
+    model = mixtral()
+    agent = attach(model)
+    agent.clock = clock = Recording()  # read by the plug-in (and the agent's own timed methods)
+    run(model, agent, steps=3)
+    agent.detach()
+    # two routers, forwards of steps 2 and 3 (step 1's hooks ran before the plug-in met the agent)
+    assert clock.callers.count("gradflow_agent.integrations.moe") == 4, clock.callers
+    assert agent.errors.total == 0

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ErrorCounter
-from ..hooks import HandleSet, Layer, _in_backward, add_module_hook
+from ..hooks import HandleSet, Layer, add_module_hook, in_backward
 from ..snapshot import Snapshot
 from ..stats.kinds import CHANNELS_FIRST, first_tensor
 from ..stats.output_grads import OutputGradStats
@@ -37,7 +37,7 @@ class Probes(HandleSet):
 
     def _guard(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any) -> Any:
-            if not self.enabled or _in_backward():
+            if not self.enabled or in_backward():
                 return None
             try:
                 return fn(*args)

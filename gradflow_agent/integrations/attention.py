@@ -58,7 +58,7 @@ from torch import nn
 
 from ..errors import ErrorCounter
 from ..export.metrics import Metric
-from ..hooks import _in_backward, add_module_hook
+from ..hooks import add_module_hook, in_backward
 from ..stats.attention import AttentionSample, AttentionStats, sample_probs, sample_softmax_output
 from ..stats.engine import model_device
 
@@ -194,7 +194,7 @@ def wrap_attention_function(fn: Callable[..., Any], implementation: str = "", is
 
 def _observe_registry(module: nn.Module, query: torch.Tensor, key: torch.Tensor, args: tuple, kwargs: dict,
                       names: tuple[str, ...], eager: bool, flash: bool) -> None:
-    if torch.is_inference_mode_enabled() or _in_backward():
+    if torch.is_inference_mode_enabled() or in_backward():
         return
     for h in _HANDLES:
         if h.registry and h.is_active():
@@ -267,7 +267,7 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 
 
 def _observe_sdpa(args: tuple, kwargs: dict) -> None:
-    if torch.is_inference_mode_enabled() or _in_backward():
+    if torch.is_inference_mode_enabled() or in_backward():
         return
     h, name = _STATE.stack[-1]
     if not (h.sdpa and h.is_active()) or name in h.exclude:
@@ -306,7 +306,7 @@ def _observe_softmax(out: Any, dim: Any) -> None:
         return
     if out.ndim not in (3, 4) or dim not in (-1, out.ndim - 1) or (out.ndim == 3 and out.shape[-1] != out.shape[-2]):
         return
-    if torch.is_inference_mode_enabled() or _in_backward():
+    if torch.is_inference_mode_enabled() or in_backward():
         return
     h, name = _STATE.stack[-1]
     if not (h.softmax and h.is_active()) or name in h.exclude:
@@ -489,7 +489,7 @@ def record_attention(module_name: str, query: torch.Tensor, key: torch.Tensor, m
     """Record one attention call from your own code (every active install receives it; a no-op without
     one, and inside torch.compile'd code). query (.., H, L, D), key (.., Hk, S, D), mask boolean (True =
     attend) or additive, as for sdpa."""
-    if not _HANDLES or torch.is_inference_mode_enabled() or _in_backward() or _compiling():
+    if not _HANDLES or torch.is_inference_mode_enabled() or in_backward() or _compiling():
         return
     for h in list(_HANDLES):
         if h.is_active():

@@ -30,6 +30,7 @@ the plug-in), so the rule table judges its statistics like any other.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import math
@@ -42,7 +43,7 @@ from torch import nn
 
 from ..errors import ErrorCounter
 from ..export.metrics import Metric
-from ..hooks import _in_backward, add_module_hook
+from ..hooks import add_module_hook, in_backward
 from ..stats.engine import model_device, transfer
 from ..stats.moe import KEYS, MoEStats
 
@@ -230,7 +231,7 @@ class MoEPlugin:
         island: list[Callable[[Any], None]] = []
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if not self._active() or torch.is_inference_mode_enabled() or _in_backward():
+            if not self._active() or torch.is_inference_mode_enabled() or in_backward():
                 return
             try:
                 if _compiling():
@@ -239,7 +240,8 @@ class MoEPlugin:
                         island.append(disable(observe) if disable is not None else observe)
                     island[0](output)
                 else:
-                    observe(output)
+                    with self._clock():
+                        observe(output)
             except Exception as exc:  # never hurt the run
                 self.errors.record(COMPONENT, exc)
         return hook
@@ -248,13 +250,20 @@ class MoEPlugin:
                 indices: torch.Tensor | None = None) -> None:
         """One call of a hand-written router: logits (tokens, E) and top_k, or the chosen experts (tokens, k).
         Skipped like the hooks (inference mode, checkpoint re-runs, unsampled steps); failures counted."""
-        if not self._active() or torch.is_inference_mode_enabled() or _in_backward() or _compiling():
+        if not self._active() or torch.is_inference_mode_enabled() or in_backward() or _compiling():
             return
         try:
-            self.stats.observe(name, logits, indices, top_k)
+            with self._clock():
+                self.stats.observe(name, logits, indices, top_k)
             self._types.setdefault(name, "Router")
         except Exception as exc:
             self.errors.record(COMPONENT, exc)
+
+    def _clock(self) -> Any:
+        """The agent's clock once the plug-in has seen it (its overhead budget then counts the routers'
+        statistics as the agent's own time); before the first step, nothing."""
+        clock = getattr(self._agent, "clock", None)
+        return clock if clock is not None else contextlib.nullcontext()
 
     # -- plug-in protocol -------------------------------------------------------------------------------
     @property

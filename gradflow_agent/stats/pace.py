@@ -6,7 +6,8 @@ the others wait in, so its duration differs per rank: a rank that is 40 ms slowe
 40 ms more here. Host time on the CPU; on an accelerator a pair of timing events around the last
 forward of the interval (recorded without a sync, read at the snapshot, which synchronises anyway).
 Forward passes run under torch.compile, in evaluation (no grad) or re-run by activation
-checkpointing are not timed.
+checkpointing are not timed; nor, while the activation hooks idle between measured steps, are those
+steps' forwards (the clock idles with them: the interval's mean is over the measured steps).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 import torch
 from torch import nn
 
-from ..hooks import _in_backward, add_module_hook
+from ..hooks import add_module_hook, in_backward
 
 
 class ForwardClock:
@@ -34,8 +35,14 @@ class ForwardClock:
         self._handles = [add_module_hook(model, self._start, pre=True),
                          add_module_hook(model, self._stop, always_call=True)]
 
+    def idle_with(self, hooks, model: nn.Module) -> None:
+        """Time only the measured steps' forwards: the two hooks come off with the layer hooks (a sample
+        of the forwards, and no slow call path of the root module on the other steps)."""
+        hooks.idle_with(model, self._handles[0], self._start, pre=True)
+        hooks.idle_with(model, self._handles[1], self._stop)
+
     def _timed(self) -> bool:
-        return not torch.compiler.is_compiling() and torch.is_grad_enabled() and not _in_backward()
+        return not torch.compiler.is_compiling() and torch.is_grad_enabled() and not in_backward()
 
     def _start(self, module: nn.Module, inputs: tuple) -> None:
         if not self._timed():
