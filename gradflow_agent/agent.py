@@ -56,6 +56,7 @@ from .stats.parameters import ParameterStats
 from .stats.sharding import identical_across_ranks, is_dtensor, local, world_size
 
 log = logging.getLogger("gradflow_agent")
+_NEVER = 1 << 62  # a step number no run reaches
 IDLE_PERIOD = 4  # activation periods (in steps) from which the forward hooks come off between measurements
 
 # detach() returns within 2 s whatever any endpoint does: the exporters close concurrently in this budget.
@@ -114,6 +115,14 @@ class _WeightsMoved:
             return not torch.equal(now.cpu(), last.cpu())
         self._moved.push((now != last).any())
         return self._moved.seen()
+
+
+def _turn_after(step: int, period: int, phases: tuple[int, ...]) -> int:
+    """The first step after `step` whose number modulo `period` is one of `phases`: where a cadence turns
+    (its measured step, and the one after it or before it). A cadence of every step never turns."""
+    if period <= 1:
+        return _NEVER
+    return step + min((phase - step) % period or period for phase in phases)
 
 
 def _timed(method):
@@ -219,6 +228,9 @@ class Agent:
         self._latest: Snapshot | None = None
         self.boundary = "optimizer" if optimizer is not None else "unknown"
         self._computed = True  # gradients are read on this step (sampling.every_n_steps)
+        self._next_event = 0  # the next step whose boundary does more than count (`_follow_cadences`)
+        self._parameters_next = self._param_due(1)  # the next step is on the parameter cadence (kept by
+        # `_follow_cadences`, at the turns)
         self._weights_moved = _WeightsMoved()
 
         output_grads = cfg.stats.gradients.enabled and cfg.stats.gradients.output_grads
@@ -378,8 +390,7 @@ class Agent:
         if self.hooks.active:
             self.errors.guard("activations", self.act.fold)  # this step's forward comes first
         if self._computed and self._step_cfg.gradients:
-            step, every = self.steps + 1, self.parameter_every
-            self.errors.guard("gradients", self.grad.read, bool(every) and step % every == 0, step)
+            self.errors.guard("gradients", self.grad.read, self._parameters_next, self.steps + 1)
 
     def _before_optimizer_step(self) -> None:
         opt = self.hooks.optimizer
@@ -470,18 +481,15 @@ class Agent:
                 guard("activations", self.act.end_step)
             self.steps = steps = self.steps + 1
             self.origin.step = steps  # the weights after this step's update
-            every = self.parameter_every
-            if every and steps % every in (0, every - 1):  # measured now, or the sample taken before it
-                guard("parameters", self._parameter_boundary)
+            if steps >= self._next_event:
+                every = self.parameter_every
+                if every and steps % every in (0, every - 1):  # measured now, or the sample taken before it
+                    guard("parameters", self._parameter_boundary)
+                self._follow_cadences(steps)
             self.origin.step = steps + 1  # the next step's forward and backward
             if self.budget.step_ended(t0, self.clock.seconds):
                 self._cadence_changed()
-            every = self._step_cfg.every
-            self._computed = steps % every == 0
-            period = every * self.budget.activations
-            hooks.active = active = steps % period == 0
-            # a stretch of 3+ unmeasured steps pays for taking the hooks off and back on
-            hooks.idle(period >= IDLE_PERIOD and not active)
+                self._follow_cadences(steps)
             for plugin in self.plugins:
                 guard(plugin.name, plugin.on_step, self)
             due = self._due()
@@ -491,6 +499,27 @@ class Agent:
             else:
                 self._publish_waiting = False
                 self._publish(self._snapshot())
+
+    def _follow_cadences(self, steps: int) -> None:
+        """After step `steps`: is the next step computed, are its activations measured (and the hooks off
+        for a stretch of unmeasured ones), and the next step whose boundary has more to do than count
+        (`_next_event`) - a cadence turning on or off, or the parameters due or sampled before it. The
+        boundaries in between only count: in place, cold after the backward, each statement of the step
+        path costs about a microsecond."""
+        every = self._step_cfg.every
+        period = every * self.budget.activations
+        self._computed = steps % every == 0
+        self.hooks.active = active = steps % period == 0
+        # a stretch of 3+ unmeasured steps pays for taking the hooks off and back on
+        self.hooks.idle(period >= IDLE_PERIOD and not active)
+        params = self.parameter_every
+        self._parameters_next = bool(params) and (steps + 1) % params == 0  # a turn itself: valid until the next
+        turns = [_turn_after(steps, every, (0, 1)), _turn_after(steps, period, (0, 1))]
+        if params == 1:  # measured on every step
+            turns.append(steps + 1)
+        elif params:
+            turns.append(_turn_after(steps, params, (0, params - 1)))
+        self._next_event = min(turns)
 
     def _cadence_changed(self) -> None:
         """The overhead budget changed a cadence: the parameter sample is retaken now when the next step is

@@ -68,8 +68,8 @@ class OverheadBudget:
         self._periods = (max(1, activation_period), max(0, parameter_period))
         self._can_stretch_parameters = parameter_period > 0
         self.stretch_parameters = stretch_parameters
-        self._last: tuple[float, float] | None = None  # (clock, agent seconds) at the previous step end
-        self._own = self._wall = 0.0
+        self._start: tuple[float, float] | None = None  # (clock, agent seconds) where the window began
+        self._now = self._spent = 0.0  # the same at the latest step end
         self._steps = 0
         self._window = WINDOW  # `window`, kept current by whatever changes a stretch (read on every step)
 
@@ -89,23 +89,26 @@ class OverheadBudget:
         """The last window's share; before the first window ends, the share so far (0 before any step)."""
         if not math.isnan(self.share):
             return self.share
-        return min(self._own / self._wall, 1.0) if self._wall > 0 else 0.0
+        if self._start is None or self._now <= self._start[0]:
+            return 0.0
+        return min((self._spent - self._start[1]) / (self._now - self._start[0]), 1.0)
 
     def step_ended(self, now: float, agent_seconds: float) -> bool:
         """One step ended at clock `now` with `agent_seconds` of agent time so far (a running total).
-        Returns True when a cadence changed."""
-        last, self._last = self._last, (now, agent_seconds)
-        if last is None:
+        Returns True when a cadence changed. The window's share is taken from its two ends (the same sum
+        as step by step, and the least work on the steps in between)."""
+        if self._start is None:
+            self._start = (now, agent_seconds)
             return False
-        wall, own = now - last[0], agent_seconds - last[1]
-        if wall <= 0:
-            return False
-        self._own, self._wall, self._steps = self._own + own, self._wall + wall, self._steps + 1
+        self._steps += 1
+        self._now, self._spent = now, agent_seconds
         if self._steps < self._window:
             return False
-        self.share = min(self._own / self._wall, 1.0)
-        self._own = self._wall = 0.0
+        (t0, own0), self._start = self._start, (now, agent_seconds)
         self._steps = 0
+        if now <= t0:  # a clock that did not move: nothing to judge
+            return False
+        self.share = min((agent_seconds - own0) / (now - t0), 1.0)
         changed = bool(self.budget) and self._judge(self.share)
         self._window = self.window
         return changed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -164,3 +165,49 @@ def test_the_agent_never_counts_more_of_its_own_time_than_has_passed():
     own = agent.clock.seconds - before
     agent.detach()
     assert 0 < own <= wall, (own, wall)
+
+
+@pytest.mark.parametrize("every,param_every", [(1, 5), (3, 2)])
+def test_the_boundary_follows_every_cadence_on_every_step_though_it_only_works_at_their_turns(every, param_every):
+    """The step boundary only counts between the turns of the cadences (`_next_event`): on every step the
+    flags it leaves - next step computed, its activations measured, on the parameter cadence - and the
+    parameter statistics taken are still exactly those of the cadences, also after the budget changes
+    them mid-run."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    agent = gradflow_agent.attach(model, config(sampling={"every_n_steps": every, "overhead_budget": 0},
+                                                stats={"parameters": {"every_n_steps": param_every}}),
+                                  optimizer=opt)
+    stretch_at = {20: (8, 2), 45: (2, 1), 58: (1, 4)}  # step -> the budget's new (activation, parameter) stretch
+    judged = agent.budget.step_ended
+
+    def step_ended(now, spent):
+        judged(now, spent)
+        new = stretch_at.get(agent.steps)
+        if new:
+            agent.budget.activations, agent.budget.parameters = new
+        return bool(new)
+
+    agent.budget.step_ended = step_ended
+    measured = []
+    real_measure = agent.param.measure
+    agent.param.measure = lambda **kw: (measured.append(agent.steps), real_measure(**kw))[1]
+    act, par = 1, 1
+    for step in range(1, 90):
+        x = torch.randn(8, 4)
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        act, par = stretch_at.get(step, (act, par))
+        params = every * param_every * par
+        assert agent.steps == step
+        assert agent._computed == (step % every == 0), step
+        assert agent.hooks.active == (step % (every * act) == 0), step
+        assert agent._parameters_next == ((step + 1) % params == 0), step
+    agent.detach()
+    want, act, par = [], 1, 1  # measured where the step is on the cadence in force at its boundary
+    for step in range(1, 90):
+        if step % (every * param_every * par) == 0:
+            want.append(step)
+        act, par = stretch_at.get(step, (act, par))
+    assert measured == want
