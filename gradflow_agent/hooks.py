@@ -176,6 +176,7 @@ class _ModuleHandle:
     def __init__(self, module: nn.Module, handle) -> None:
         self._module = weakref.ref(module)
         self._handle = handle
+        self.removed = False
         _own(module, handle)
 
     @property
@@ -183,6 +184,7 @@ class _ModuleHandle:
         return self._handle.id
 
     def remove(self) -> None:
+        self.removed = True
         self._handle.remove()
         module = self._module()
         if module is not None:
@@ -283,8 +285,8 @@ class HookManager(HandleSet):
         self._owned_params: set[int] = set()
         self.claims: Callable[[torch.optim.Optimizer], None] | None = None  # set by the agent
         self._fails = [0] * len(layers)  # consecutive failures per layer
-        # other hooks that idle with the forward hooks: (module, hook dict attribute, handle id, hook)
-        self._idle_with: list[tuple[nn.Module, str, int, Callable]] = []
+        # other hooks that idle with the forward hooks: (module, hook dict attribute, handle, hook)
+        self._idle_with: list[tuple[nn.Module, str, Any, Callable]] = []
         self._on_backward_end: Callable[[], None] | None = None
         self._backward_task = -2  # graph task whose end is already queued
 
@@ -299,8 +301,7 @@ class HookManager(HandleSet):
 
     def _detach_forward(self) -> None:
         if self._idle:  # the hooks idling with these stay: back in place before the layer hooks go
-            for module, attr, hid, fn in self._idle_with:
-                getattr(module, attr)[hid] = fn
+            self._resume_idling_with()
         gone = set(map(id, self._forward_handles))
         for handle in self._forward_handles:
             handle.remove()
@@ -337,8 +338,8 @@ class HookManager(HandleSet):
         if idle and not self._idle:
             for module, hid, _ in self._forward_entries:
                 module._forward_hooks.pop(hid, None)
-            for module, attr, hid, _ in self._idle_with:
-                getattr(module, attr).pop(hid, None)
+            for module, attr, handle, _ in self._idle_with:
+                getattr(module, attr).pop(handle.id, None)
             self._idle = True
         elif not idle and self._idle:
             self._resume_forward()
@@ -346,14 +347,19 @@ class HookManager(HandleSet):
     def idle_with(self, module: nn.Module, handle, fn: Callable, *, pre: bool = False) -> None:
         """Another forward (pre-)hook of the agent's (`handle` from `add_module_hook`) that is only
         needed on measured steps: it comes off and back with the layer hooks."""
-        self._idle_with.append((module, "_forward_pre_hooks" if pre else "_forward_hooks", handle.id, fn))
+        self._idle_with.append((module, "_forward_pre_hooks" if pre else "_forward_hooks", handle, fn))
 
     def _resume_forward(self) -> None:
         for module, hid, fn in self._forward_entries:
             module._forward_hooks[hid] = fn  # after any hook added meanwhile, like a new registration
-        for module, attr, hid, fn in self._idle_with:
-            getattr(module, attr)[hid] = fn
+        self._resume_idling_with()
         self._idle = False
+
+    def _resume_idling_with(self) -> None:
+        """Put back the hooks idling with the layer hooks - not those their owner removed meanwhile."""
+        self._idle_with = [entry for entry in self._idle_with if not entry[2].removed]
+        for module, attr, handle, fn in self._idle_with:
+            getattr(module, attr)[handle.id] = fn
 
     def remove(self) -> None:
         self._idle_with = []  # their owners remove them: never put back after this

@@ -92,3 +92,19 @@ def test_hooks_idling_with_the_layer_hooks_come_back_when_the_layer_hooks_are_mo
     assert agent.errors.total == 0
     agent.detach()
     assert not model._forward_hooks and not model._forward_pre_hooks and not model[0]._forward_hooks
+
+
+def test_a_hook_removed_by_its_owner_while_idle_is_not_put_back():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    agent = gradflow_agent.attach(model, config(sampling={"every_n_steps": 4}), optimizer=opt)
+    train(model, opt, steps=1, agent=agent)
+    assert agent.hooks._idle
+    agent.forward_clock.remove()
+    seen = []
+    for _ in range(8):  # the layer hooks come and go; the clock's stay gone
+        train(model, opt, steps=1, agent=agent)
+        seen.append((len(model[0]._forward_hooks), len(model._forward_hooks) + len(model._forward_pre_hooks)))
+    assert (1, 0) in seen and all(root == 0 for _, root in seen), seen
+    assert agent.errors.total == 0
+    agent.detach()
