@@ -197,6 +197,8 @@ def main() -> None:
                                                                  "overhead budget to settle its cadence")
     parser.add_argument("--scrape", type=float, default=1.0, help="scrapes of /metrics per second while the "
                                                                     "agent trains (0: no scraper)")
+    parser.add_argument("--budget", type=float, default=None, help="sampling.overhead_budget for every config "
+                                                                    "(default: the agent's default)")
     parser.add_argument("--table", action="store_true", help="end with a Markdown table for the README")
     args = parser.parse_args()
     global CLOCK, COMPILE, SETTLE, DEVICE, SCRAPE
@@ -218,7 +220,10 @@ def main() -> None:
         for name in args.workloads:
             rounds, steps = plan[name]
             for cfg_name in args.configs:
-                ratios, base = measure(name, CONFIGS[cfg_name], args.rounds or rounds, steps)
+                cfg = CONFIGS[cfg_name] if args.budget is None else \
+                    {**CONFIGS[cfg_name], "sampling": {**CONFIGS[cfg_name].get("sampling", {}),
+                                                       "overhead_budget": args.budget}}
+                ratios, base = measure(name, cfg, args.rounds or rounds, steps)
                 all_ratios, bases = pooled.setdefault((name, cfg_name), ([], []))
                 all_ratios += ratios
                 bases.append(base)

@@ -1,7 +1,8 @@
 """Gradient statistics, read once per optimizer step (after accumulation, DDP averaging, unscaling).
 
-Per step the hot path is one fused `torch._foreach_norm` over every trainable gradient, stacked straight
-into a row of a device ring buffer (`ring[step] = per-parameter norms`). Everything per layer - pressure
+Per step the hot path reads every trainable gradient's norm into a row of a device ring buffer (`ring[step]
+= per-parameter norms`): on the CPU with numpy straight from each `p.grad`, on an accelerator with one
+fused `torch._foreach_norm`. Everything per layer - pressure
 mean and max over the interval, turbulence (coefficient of variation over the window), the global norm -
 is derived from the ring once per export interval. A NaN in the ring means "this parameter had no
 gradient at this step"; real non-finite gradients are counted and their finite part is summarised.
@@ -142,7 +143,8 @@ class GradientStats:
         if self.robust and not self.exact and not self._nonfinite_seen.seen():
             norms = self._flagged_norms(dense, present)
         elif self.robust or not finite:
-            self.exact = self.robust
+            if self.robust:  # the run has shown a non-finite gradient: exact from now on
+                self.exact = True
             norms = self._masked_norms(dense, present)
         else:  # every gradient present: stacked straight into the ring row (no copy; out= has no autograd)
             into_row = len(present) == len(grads) and not dense[0].requires_grad
