@@ -15,7 +15,7 @@ from torch import nn
 
 import gradflow_agent
 from tests.conftest import config
-from tests.support.prometheus import free_port
+from tests.support.prometheus import free_port, free_port_run
 
 STEPS = 3
 
@@ -58,7 +58,7 @@ def _worker(rank: int, world: int, port: int, metrics_port: int, out_dir: str) -
 
 
 def test_ddp_ranks_export_their_own_series_and_the_global_norm(tmp_path):
-    base = free_port()
+    base = free_port_run(2)  # rank r serves on base + r
     mp.spawn(_worker, args=(2, free_port(), base, str(tmp_path)), nprocs=2, join=True)
     model, batches = _setup()
     reference = copy.deepcopy(model)
