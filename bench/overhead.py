@@ -16,6 +16,8 @@ thread, like the reference figures in the README:
     python bench/overhead.py --compile --workloads tiny mlp    # both copies torch.compile'd
     python bench/overhead.py --runs 2 --table      # two full runs, then a README-ready Markdown table
     python bench/overhead.py --device cuda --runs 2 --table    # on a GPU (wall clock, synced per step)
+    python bench/overhead.py --workloads cnn --budget 0.02     # another sampling.overhead_budget
+    python bench/overhead.py --scrape 0                        # no scraper
 """
 
 from __future__ import annotations
