@@ -191,6 +191,16 @@ class _ModuleHandle:
             _disown(module, self._handle)
 
 
+def _put_back(entries: list[tuple[nn.Module, str, _ModuleHandle, Callable]]) -> list:
+    """Hooks taken off their modules for an idle stretch - (module, hook dict attribute, handle, hook) -
+    back in place under their own handle ids (after any hook added meanwhile, like a new registration);
+    those their owner removed meanwhile stay out. Returns the entries still live."""
+    live = [entry for entry in entries if not entry[2].removed]
+    for module, attr, handle, fn in live:
+        getattr(module, attr)[handle.id] = fn
+    return live
+
+
 def add_module_hook(module: nn.Module, hook: Callable, *, pre: bool = False, with_kwargs: bool = False,
                     always_call: bool = False, prepend: bool = False) -> _ModuleHandle:
     """Register a forward (pre-)hook that deepcopy/pickle of the model never carries. Every hook the
@@ -285,8 +295,8 @@ class HookManager(HandleSet):
         self._owned_params: set[int] = set()
         self.claims: Callable[[torch.optim.Optimizer], None] | None = None  # set by the agent
         self._fails = [0] * len(layers)  # consecutive failures per layer
-        # other hooks that idle with the forward hooks: (module, hook dict attribute, handle, hook)
-        self._idle_with: list[tuple[nn.Module, str, Any, Callable]] = []
+        # other hooks that idle with the forward hooks, as `_forward_entries` are kept (`_put_back`)
+        self._idle_with: list[tuple[nn.Module, str, _ModuleHandle, Callable]] = []
         self._on_backward_end: Callable[[], None] | None = None
         self._backward_task = -2  # graph task whose end is already queued
 
@@ -294,14 +304,14 @@ class HookManager(HandleSet):
     def attach_forward(self) -> None:
         hooks = [self._forward_hook(layer) for layer in self.layers]
         self._forward_handles = [add_module_hook(layer.module, fn) for layer, fn in zip(self.layers, hooks)]
-        self._forward_entries = [(layer.module, handle.id, fn)
+        self._forward_entries = [(layer.module, "_forward_hooks", handle, fn)
                                  for layer, handle, fn in zip(self.layers, self._forward_handles, hooks)]
         self._handles.extend(self._forward_handles)
         self._idle = False
 
     def _detach_forward(self) -> None:
         if self._idle:  # the hooks idling with these stay: back in place before the layer hooks go
-            self._resume_idling_with()
+            self._idle_with = _put_back(self._idle_with)
         gone = set(map(id, self._forward_handles))
         for handle in self._forward_handles:
             handle.remove()
@@ -336,9 +346,7 @@ class HookManager(HandleSet):
                 reset_compiled_code()
             return
         if idle and not self._idle:
-            for module, hid, _ in self._forward_entries:
-                module._forward_hooks.pop(hid, None)
-            for module, attr, handle, _ in self._idle_with:
+            for module, attr, handle, _ in (*self._forward_entries, *self._idle_with):
                 getattr(module, attr).pop(handle.id, None)
             self._idle = True
         elif not idle and self._idle:
@@ -350,16 +358,9 @@ class HookManager(HandleSet):
         self._idle_with.append((module, "_forward_pre_hooks" if pre else "_forward_hooks", handle, fn))
 
     def _resume_forward(self) -> None:
-        for module, hid, fn in self._forward_entries:
-            module._forward_hooks[hid] = fn  # after any hook added meanwhile, like a new registration
-        self._resume_idling_with()
+        self._forward_entries = _put_back(self._forward_entries)
+        self._idle_with = _put_back(self._idle_with)
         self._idle = False
-
-    def _resume_idling_with(self) -> None:
-        """Put back the hooks idling with the layer hooks - not those their owner removed meanwhile."""
-        self._idle_with = [entry for entry in self._idle_with if not entry[2].removed]
-        for module, attr, handle, fn in self._idle_with:
-            getattr(module, attr)[handle.id] = fn
 
     def remove(self) -> None:
         self._idle_with = []  # their owners remove them: never put back after this

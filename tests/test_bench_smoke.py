@@ -32,3 +32,10 @@ def test_step_parts_bench_takes_the_agent_apart():
     out = _run("bench/step_parts.py", "--rounds", "1", "--steps", "40")
     lines = [line for line in out.splitlines() if "us/step" in line]
     assert len(lines) == 6 and lines[0].startswith("the whole agent"), out
+
+
+def test_hot_path_bench_times_both_gradient_paths_and_the_snapshot():
+    out = _run("bench/hot_path.py", "--steps", "20", "--interval", "20", "--rounds", "1")
+    assert re.search(r"^tiny \(8 tensors\)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+numpy$", out, re.M), out
+    assert re.search(r"^deep \(1002 tensors\)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+torch$", out, re.M), out
+    assert re.search(r"^snapshot after 20 steps: [\d.]+ ms, of which the loss fold [\d.]+ ms$", out, re.M), out

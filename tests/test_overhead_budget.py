@@ -211,3 +211,41 @@ def test_the_boundary_follows_every_cadence_on_every_step_though_it_only_works_a
             want.append(step)
         act, par = stretch_at.get(step, (act, par))
     assert measured == want
+
+
+def test_every_entry_to_the_step_boundary_is_on_the_agents_clock():
+    """The boundary is not timed itself: each way into it is - the optimizer post-hook, `agent.step()`
+    without an optimizer, and `end_optimizer_step()` (trainer integrations). A slow boundary shows in
+    the agent's own seconds whichever way it came."""
+    import time as _time
+
+    model = nn.Sequential(nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    agent = gradflow_agent.attach(model, config())
+    real = agent._boundary
+
+    def slow():
+        _time.sleep(0.02)
+        real()
+
+    agent._boundary = slow
+    for way in ("optimizer hook", "end_optimizer_step"):
+        before = agent.clock.seconds
+        model(torch.randn(2, 4)).sum().backward()
+        if way == "optimizer hook":
+            opt.step()  # found through the process-wide optimizer hooks
+        else:
+            agent.read_gradients()
+            agent.end_optimizer_step()
+        opt.zero_grad()
+        assert agent.clock.seconds - before >= 0.02, way
+    agent.detach()
+    model = nn.Sequential(nn.Linear(4, 1))
+    agent = gradflow_agent.attach(model, config())
+    real = agent._boundary
+    agent._boundary = slow
+    before = agent.clock.seconds
+    model(torch.randn(2, 4)).sum().backward()
+    agent.step()  # no optimizer at all: this is the boundary
+    assert agent.clock.seconds - before >= 0.02
+    agent.detach()

@@ -371,3 +371,19 @@ def test_the_accelerator_gradient_watch_dispatches_the_same_ops_whatever_the_num
 
     assert ops(10, exact=False) == ops(200, exact=False) < 20
     assert ops(200, exact=True) >= 4 * 200
+
+
+def test_many_cpu_gradients_are_read_by_torchs_fused_norm_and_agree_with_numpys_read():
+    """Past NUMPY_READ_MAX gradients the CPU read is torch's fused loop (faster there, bench/hot_path.py);
+    each path gives the norms torch computes in float64."""
+    from gradflow_agent.stats.gradients import NUMPY_READ_MAX, GradientStats
+    for n in (8, NUMPY_READ_MAX + 6):
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(5, 3)) for _ in range(n)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        stats = GradientStats(params, list(range(n)), n, torch.device("cpu"), rows=2, window=2)
+        assert stats._numpy_first == (n <= NUMPY_READ_MAX)
+        stats.read(step=1)
+        want = np.array([float(p.grad.double().norm()) for p in params])
+        assert stats.ring[stats.pos].double().numpy() == pytest.approx(want, rel=1e-6)

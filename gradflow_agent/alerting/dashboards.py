@@ -360,8 +360,8 @@ def overview(th: Section) -> db.Dashboard:
                          [_query(f"sum by (run, rank) (rate(gradflow_agent_overhead_seconds_total"
                                  f"{{{RUN_SEL}}}[$__rate_interval]))", RUN_LEGEND)], span=8, min_val=0))
     d = d.with_panel(_ts(p, "Agent share of the step",
-                         "The agent's own time on the training thread as a share of the step time (moving "
-                         "average), which it keeps under sampling.overhead_budget.", "percentunit",
+                         "The agent's own time on the training thread as a share of the step time (over its "
+                         "last judgment window), which it keeps under sampling.overhead_budget.", "percentunit",
                          [_query(f"max by (run, rank) (gradflow_agent_overhead_ratio{{{RUN_SEL}}})", RUN_LEGEND)],
                          span=8, min_val=0))
     d = d.with_panel(_ts(p, "Statistics cadence",

@@ -107,7 +107,7 @@ RUN_METRICS = {
                                     "sampling.overhead_budget; 0: off)."),
     "overhead_ratio": Metric("gradflow_agent_overhead_ratio", "gauge",
                              "The agent's share of the training step time, over its last judgment window "
-                             "(8-64 steps).", "1"),
+                             "(32 steps, or one stretched statistics period if longer).", "1"),
     "grad_scale": Metric("gradflow_grad_scale", "gauge", "The GradScaler's loss scale (AMP), when one is given."),
     "forward_seconds": Metric("gradflow_forward_seconds", "gauge",
                               "Mean wall time of the model's forward pass per step on this rank over the "

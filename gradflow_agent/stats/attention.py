@@ -58,8 +58,6 @@ def _strided(n: int, limit: int | None, *, from_end: bool = False) -> list[int]:
     return sorted(idx)
 
 
-
-
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
     """(..., L, D) as (B, H, L, D): a 3-D tensor is one head, extra leading dims fold into the batch."""
     if t.ndim == 2:
